@@ -245,6 +245,111 @@ class ObjectStore:
         return f"s3://{self.bucket}/{prefix}".rstrip("/")
 
 
+def http_ready(
+    url: str, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
+    """Poll ``url`` until it answers 200."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise ServiceError(
+                f"service exited with code {proc.returncode} before it was ready; log tail:\n{tail}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except Exception as err:  # noqa: BLE001 - not ready yet
+            last = err
+        time.sleep(0.1)
+    raise ServiceError(f"{url} not ready after {timeout_s:.0f} s: {last}")
+
+
+@dataclass
+class PrometheusServer:
+    """The Debian ``prometheus`` server on 127.0.0.1 with a scrape config we write (file-SD targets)."""
+
+    data_dir: Path
+    file_sd_glob: str = ""  # file-SD files to watch; default DATA_DIR/targets/*.json
+    scrape_interval_s: int = 1
+    port: int = 0
+    rules_file: str | None = None
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> PrometheusServer:
+        binary = shutil.which("prometheus")
+        if not binary:
+            raise ServiceError(
+                "'prometheus' not found: run 'make setup' as root (apt-get install prometheus)"
+            )
+        self.data_dir = Path(self.data_dir)
+        (self.data_dir / "targets").mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        glob = self.file_sd_glob or str(self.data_dir / "targets" / "*.json")
+        config = {
+            "global": {
+                "scrape_interval": f"{self.scrape_interval_s}s",
+                "evaluation_interval": f"{self.scrape_interval_s}s",
+            },
+            "scrape_configs": [
+                {"job_name": "sslfer-train", "file_sd_configs": [{"files": [glob], "refresh_interval": "1s"}]}
+            ],
+        }
+        if self.rules_file:
+            config["rule_files"] = [str(Path(self.rules_file).resolve())]
+        config_path = self.data_dir / "prometheus.yml"
+        config_path.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
+        log_path = self.data_dir / "prometheus.log"
+        cmd = [
+            binary,
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-lifecycle",
+        ]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = proc.pid
+        (self.data_dir / "prometheus.pid").write_text(str(proc.pid))
+        try:
+            http_ready(f"{self.url}/-/ready", 30, proc, log_path)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def query(self, promql: str) -> list[dict]:
+        import urllib.parse
+        import urllib.request
+
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body = json.loads(resp.read())
+        if body.get("status") != "success":
+            raise ServiceError(f"PromQL query failed: {body}")
+        return body["data"]["result"]
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            stop_pid(self.pid)
+            self.pid = None
+        (Path(self.data_dir) / "prometheus.pid").unlink(missing_ok=True)
+
+    def __enter__(self) -> PrometheusServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def _store_cli(args: argparse.Namespace) -> int:
     data_dir = Path(args.dir)
     info_path = data_dir / "store.json"

@@ -1,0 +1,161 @@
+"""Read shard datasets: the manifest, shard URLs and samples, skipping (and counting) bad input.
+
+A corrupt sample never stops a reader: bad JSON or a missing part skips that sample, a truncated or
+corrupt tar ends that shard after its last complete sample. Every skip is counted by reason, and logged at
+most a few times per reason so a bad dataset cannot flood the log.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import re
+import tarfile
+import threading
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from data_shards import store
+from data_shards.manifest import MANIFEST_NAME, ManifestError, validate_manifest
+
+log = logging.getLogger(__name__)
+
+FRAME_NAME = re.compile(r"^(\d+)\.jpe?g$")
+SkipHandler = Callable[[str, str], None]
+
+
+class SkipCounter:
+    """Counts skipped input by reason; logs the first ``log_first`` of each reason, then every ``log_every``."""
+
+    def __init__(
+        self, log_first: int = 3, log_every: int = 1000, logger: logging.Logger | None = None
+    ) -> None:
+        self.counts: Counter[str] = Counter()
+        self.log_first = log_first
+        self.log_every = log_every
+        self._log = logger or log
+        self._lock = threading.Lock()
+
+    def __call__(self, reason: str, detail: str = "") -> None:
+        with self._lock:
+            self.counts[reason] += 1
+            n = self.counts[reason]
+        if n <= self.log_first or n % self.log_every == 0:
+            self._log.warning("skipped (%s, %d so far): %s", reason, n, detail)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+# Process-wide default, so callers that pass no handler still get counts (e.g. to export as a metric).
+SKIPPED = SkipCounter()
+
+
+def read_manifest(url: str) -> dict[str, Any]:
+    """The dataset's manifest; clear errors if it is missing or malformed."""
+    manifest_url = store.join(url, MANIFEST_NAME)
+    try:
+        raw = store.read_bytes(manifest_url)
+    except FileNotFoundError as err:
+        raise ManifestError(
+            f"no manifest.json at {url}: the dataset is incomplete or the path is wrong "
+            "(a dataset is committed only when its writer finishes)"
+        ) from err
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"manifest.json at {url} is not valid JSON: {err}") from err
+    return validate_manifest(manifest, url)
+
+
+def shard_urls(url: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Full URLs of the dataset's shards, in manifest order."""
+    manifest = manifest or read_manifest(url)
+    return [store.join(url, shard["name"]) for shard in manifest["shards"]]
+
+
+def _sample_from_parts(key: str, parts: dict[str, bytes], handler: SkipHandler, where: str) -> dict | None:
+    if "json" not in parts:
+        handler("missing_json", f"{where} sample {key}")
+        return None
+    try:
+        meta = json.loads(parts["json"])
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as err:
+        handler("bad_json", f"{where} sample {key}: {err}")
+        return None
+    if "jpg" in parts:
+        return {"key": key, "jpeg": parts["jpg"], "meta": meta}
+    numbered = []
+    for name, data in parts.items():
+        match = FRAME_NAME.match(name)
+        if match:
+            numbered.append((int(match.group(1)), data))
+    if not numbered:
+        handler("missing_jpeg", f"{where} sample {key}")
+        return None
+    numbered.sort(key=lambda item: item[0])  # numeric: "10000.jpg" after "9999.jpg"
+    return {
+        "key": key,
+        "frames": [data for _, data in numbered],
+        "meta": meta,
+        "frame_indices": [i for i, _ in numbered],
+    }
+
+
+def iter_tar_samples(stream, where: str, handler: SkipHandler) -> Iterator[dict[str, Any]]:
+    """Samples from an open tar stream (members grouped by key = name up to the first dot)."""
+    current_key: str | None = None
+    parts: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, dot, ext = member.name.partition(".")
+                if not dot:
+                    handler("member_without_extension", f"{where} member {member.name}")
+                    continue
+                if key != current_key:
+                    if current_key is not None:
+                        sample = _sample_from_parts(current_key, parts, handler, where)
+                        if sample is not None:
+                            yield sample
+                    current_key, parts = key, {}
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise EOFError(f"member {member.name} is cut short")
+                parts[ext] = data
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        # Network errors (OSError) are not caught here: they are storage problems, not corrupt data.
+        # The sample being read when the tar broke may be incomplete: drop it, keep what came before.
+        handler("truncated_tar", f"{where}: {type(err).__name__}: {err}")
+        return
+    if current_key is not None:
+        sample = _sample_from_parts(current_key, parts, handler, where)
+        if sample is not None:
+            yield sample
+
+
+def iter_samples(shard_url: str, handler: SkipHandler | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of one shard: ``dict(key, frames=[jpeg...], meta)`` (clips) or ``dict(key, jpeg, meta)``.
+
+    ``handler(reason, detail)`` is told about each skip (default: the process-wide :data:`SKIPPED`).
+    Storage errors (credentials, unreachable store, missing shard) are raised, not skipped.
+    """
+    handler = handler or SKIPPED
+    with store.open_url(shard_url, "rb") as stream:
+        yield from iter_tar_samples(stream, shard_url, handler)
+
+
+def iter_dataset(url: str, handler: SkipHandler | None = None) -> Iterator[dict[str, Any]]:
+    """Every sample of a dataset, shard by shard in manifest order."""
+    for shard_url in shard_urls(url):
+        yield from iter_samples(shard_url, handler)
+
+
+join = store.join

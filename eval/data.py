@@ -1,0 +1,234 @@
+"""Labelled ``frames`` datasets for evaluation, and the splits the probes use.
+
+A dataset is read whole into memory (eval sets are thousands of faces, not millions): JPEG bytes plus label
+arrays. Reading goes through ``data_shards.read`` (local folders and ``s3://``); the reader is injectable so
+tests and tools can pass their own.
+
+Splits (all seeded, so every seed gives a different but reproducible split):
+* If the samples carry both ``split == "train"`` and ``split == "test"`` (real benchmarks), those are used.
+* Otherwise, expression and V/A probes split by identity: a fraction of identities is held out for testing, so
+  no person appears on both sides (a probe cannot score by recognising the person).
+* Samples without an identity (``identity_id`` null) are split per sample.
+* Identity leakage uses every identity with >= 2 images: per identity, half the images form the gallery and
+  the rest the probes. The eval set's identities are disjoint from pretraining by construction (SynthFace
+  identity splits), so this measures how much identity the frozen features carry for unseen people.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from launch.configio import ConfigError
+
+Reader = Callable[[str], Iterator[dict[str, Any]]]
+
+
+@dataclass
+class FramesData:
+    """One eval dataset in memory; arrays are aligned with ``keys``."""
+
+    name: str
+    url: str
+    keys: list[str]
+    jpegs: list[bytes]
+    expression: np.ndarray  # int64, -1 unknown
+    valence: np.ndarray  # float32, NaN unknown
+    arousal: np.ndarray  # float32, NaN unknown
+    identity: np.ndarray  # object array of str, "" unknown
+    split: np.ndarray  # object array of str
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def labels(self) -> FramesLabels:
+        """The labels without the images: what probe tasks need (small to ship between Ray workers)."""
+        return FramesLabels(
+            name=self.name,
+            expression=self.expression,
+            valence=self.valence,
+            arousal=self.arousal,
+            identity=self.identity,
+            split=self.split,
+        )
+
+
+@dataclass
+class FramesLabels:
+    name: str
+    expression: np.ndarray
+    valence: np.ndarray
+    arousal: np.ndarray
+    identity: np.ndarray
+    split: np.ndarray
+
+
+def dataset_name(url: str) -> str:
+    """Short display name: the last path component of the dataset URL."""
+    return url.rstrip("/").rsplit("/", 1)[-1] or url
+
+
+def default_io() -> tuple[Callable[[str], dict], Reader, Callable[[str, str], str]]:
+    """(read_manifest, iter_samples, join) from ``data_shards.read`` (local paths and s3://)."""
+    from data_shards import read as shard_read
+
+    return shard_read.read_manifest, shard_read.iter_samples, shard_read.join
+
+
+def check_dataset(url: str, read_manifest: Callable[[str], dict] | None = None) -> dict[str, Any]:
+    """Read the manifest or raise one ConfigError naming ``--data`` and the URL."""
+    read_manifest = read_manifest or default_io()[0]
+    try:
+        manifest = read_manifest(url)
+    except Exception as err:  # noqa: BLE001 - any failure here means "not a dataset"
+        raise ConfigError(
+            f"--data '{url}': no readable manifest.json there ({type(err).__name__}: {err}); "
+            "give the folder or s3:// prefix written by `python -m data_shards evalset`"
+        ) from err
+    if manifest.get("kind") != "frames":
+        raise ConfigError(
+            f"--data '{url}': manifest kind is {manifest.get('kind')!r}, evaluation needs a 'frames' dataset "
+            "(build one with `python -m data_shards evalset`)"
+        )
+    return manifest
+
+
+def _float_or_nan(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def load_frames(
+    url: str,
+    read_manifest: Callable[[str], dict] | None = None,
+    iter_samples: Reader | None = None,
+    max_samples: int | None = None,
+) -> FramesData:
+    """Read every sample of a ``frames`` dataset (shards in manifest order)."""
+    default_manifest, default_iter, join = default_io()
+    manifest = check_dataset(url, read_manifest or default_manifest)
+    iter_samples = iter_samples or default_iter
+    keys, jpegs, expr, val, aro, ident, split = [], [], [], [], [], [], []
+    samples: Iterable[dict[str, Any]] = (
+        sample for shard in manifest["shards"] for sample in iter_samples(join(url, shard["name"]))
+    )
+    for sample in samples:
+        meta = sample["meta"]
+        keys.append(sample["key"])
+        jpegs.append(sample["jpeg"])
+        expr.append(int(meta.get("expression", -1) if meta.get("expression") is not None else -1))
+        val.append(_float_or_nan(meta.get("valence")))
+        aro.append(_float_or_nan(meta.get("arousal")))
+        ident.append(meta.get("identity_id") or "")
+        split.append(meta.get("split") or manifest.get("split") or "")
+        if max_samples and len(keys) >= max_samples:
+            break
+    if not keys:
+        raise ConfigError(f"--data '{url}': the dataset has no samples")
+    return FramesData(
+        name=dataset_name(url),
+        url=url,
+        keys=keys,
+        jpegs=jpegs,
+        expression=np.asarray(expr, dtype=np.int64),
+        valence=np.asarray(val, dtype=np.float32),
+        arousal=np.asarray(aro, dtype=np.float32),
+        identity=np.asarray(ident, dtype=object),
+        split=np.asarray(split, dtype=object),
+        manifest=manifest,
+    )
+
+
+def train_test_split(
+    labels: FramesLabels, seed: int, test_fraction: float = 0.3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays (train, test) following the rules in the module docstring."""
+    n = len(labels.identity)
+    is_train = labels.split == "train"
+    is_test = labels.split == "test"
+    if is_train.any() and is_test.any():
+        return np.flatnonzero(is_train), np.flatnonzero(is_test)
+    rng = np.random.default_rng(seed)
+    known = labels.identity != ""
+    test_mask = np.zeros(n, dtype=bool)
+    identities = np.unique(labels.identity[known])
+    if len(identities) >= 2:
+        n_test = min(max(1, round(test_fraction * len(identities))), len(identities) - 1)
+        held_out = rng.choice(identities, size=n_test, replace=False)
+        test_mask[known] = np.isin(labels.identity[known], held_out)
+    anonymous = np.flatnonzero(~known)
+    if anonymous.size:
+        test_mask[anonymous] = rng.random(anonymous.size) < test_fraction
+    return np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
+
+
+def gallery_probe_split(identity: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per identity with >= 2 images: half (rounded down, at least 1) gallery, the rest probes."""
+    rng = np.random.default_rng(seed)
+    gallery, probe = [], []
+    for ident in np.unique(identity[identity != ""]):
+        idx = rng.permutation(np.flatnonzero(identity == ident))
+        if idx.size < 2:
+            continue
+        half = max(1, idx.size // 2)
+        gallery.extend(idx[:half])
+        probe.extend(idx[half:])
+    return np.asarray(sorted(gallery), dtype=np.int64), np.asarray(sorted(probe), dtype=np.int64)
+
+
+def carve_validation(n: int, seed: int, fraction: float = 0.2, groups: np.ndarray | None = None):
+    """Split ``range(n)`` into (fit, val) for model selection, by group when groups are given."""
+    rng = np.random.default_rng(seed + 7919)  # decorrelated from the train/test split's stream
+    if groups is not None and len(np.unique(groups)) >= 3:
+        uniq = np.unique(groups)
+        n_val = max(1, round(fraction * len(uniq)))
+        val_groups = rng.choice(uniq, size=n_val, replace=False)
+        val_mask = np.isin(groups, val_groups)
+    else:
+        val_mask = np.zeros(n, dtype=bool)
+        val_mask[rng.permutation(n)[: max(1, round(fraction * n))]] = True
+    return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+
+
+def write_toy_frames(
+    url: str, identities: int = 6, per_identity: int = 16, size: int = 64, seed: int = 0
+) -> str:
+    """A tiny labelled ``frames`` dataset for smoke tests and benchmarks (not a face model).
+
+    Identity = background colour; expression = the position/colour of a small patch; V/A follow the
+    expression with noise. Written with ``data_shards.write.ShardWriter`` (manifest committed last).
+    """
+    from data_shards.write import ShardWriter, encode_jpeg
+
+    rng = np.random.default_rng(seed)
+    with ShardWriter(
+        url, kind="frames", split="eval", generator={"toy": True, "seed": seed}, max_samples=64
+    ) as w:
+        for ident in range(identities):
+            background = rng.integers(0, 256, size=3)
+            for j in range(per_identity):
+                expression = int(rng.integers(0, 8))
+                noise = rng.integers(-6, 7, size=(size, size, 3))
+                image = np.clip(background + noise, 0, 255).astype(np.uint8)
+                row, col = divmod(expression, 4)
+                cell = size // 4
+                top, left = size // 4 + row * cell, col * cell
+                image[top : top + cell, left : left + cell] = (255 * (expression % 2), 35 * expression, 200)
+                w.write(
+                    f"toy-i{ident:03d}-f{j:03d}",
+                    encode_jpeg(image),
+                    {
+                        "identity_id": f"toy{ident:03d}",
+                        "expression": expression,
+                        "valence": float(np.tanh(expression / 4 - 1) + 0.05 * rng.normal()),
+                        "arousal": float(np.cos(expression) * 0.8 + 0.05 * rng.normal()),
+                        "landmarks": None,
+                        "source": "toy",
+                        "clip_id": None,
+                        "split": "eval",
+                    },
+                )
+    return url

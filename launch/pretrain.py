@@ -1,0 +1,56 @@
+"""Pretraining entry point.
+
+    deepspeed --num_gpus 2 launch/pretrain.py --config launch/configs/smoke.yaml run_dir=runs/x data.url=...
+    torchrun --nproc_per_node 2 launch/pretrain.py --config ...
+    python launch/pretrain.py --config ...            # one process
+
+Everything after ``--config PATH`` is ``key=value`` overrides (see ``pretrain/config.py``). The launchers'
+``--local_rank``/``--local-rank`` arguments are accepted and ignored (the rank comes from the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python launch/pretrain.py` from anywhere
+
+from launch.configio import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML file (launch/configs/*.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_clips=16")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_path, overrides = parse_args(argv)
+    from pretrain.config import PretrainConfig
+
+    try:
+        cfg = load_config(PretrainConfig, config_path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.engine import run
+
+    try:
+        status = run(cfg)
+    except CheckpointError as err:  # e.g. resuming with another world size: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0 if status in ("finished", "stopped", "signal") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""Training batches: clip stream -> frame choice -> decoded images -> FaceSwap -> two augmentation families.
+
+One :class:`BatchPipeline` per rank. Work is split where it runs best:
+
+* a reader thread pulls this rank's clips from :class:`pretrain.stream.ClipStream`, draws each clip's frames
+  with :class:`pretrain.sampling.FrameSampler` (dropping clips the short-clip policy skips, so every batch has
+  exactly ``data.batch_clips`` clips) and groups them into batches;
+* ``data.num_workers`` threads turn a batch into host data: the JPEG bytes in row order, or - on the CPU
+  decode path - already decoded uint8 images (libjpeg releases the GIL, so threads decode in parallel);
+* the training thread finishes it on the device: nvjpeg decode (device path), FaceSwap on the positives,
+  augmentation family "first" on anchors and "second" on positives, mouth-eye descriptors for MaskFN.
+
+Rows are ``[A, NA, P, NP]`` (``sampling.hard_negatives``) or ``[A, P]``; ``positive_index`` and ``group_id``
+come from :func:`pretrain.loss.batch_layout`, in local rows.
+
+Determinism: every random draw of batch ``i`` of epoch ``e`` on rank ``r`` comes from generators seeded by
+``(seed, e, r, i)`` - frame choice from :func:`pretrain.sampling.make_rng` (its ``worker`` slot is the batch
+index), FaceSwap/augmentation from a device generator - so a batch does not depend on thread timing, and
+resuming at batch ``i`` reproduces the uninterrupted run. :meth:`BatchPipeline.state_dict` is the position after
+the last batch the trainer *consumed* (prefetched batches are simply prepared again after a resume).
+
+Equal step counts: every rank yields exactly ``steps_in_epoch(e)`` batches in epoch ``e`` (the stream gives equal clip
+counts per rank; if skipped clips leave a rank short, it tops up from the start of its epoch list, counted as
+``epoch_refill``), so collectives never wait on a rank that ran dry.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.augment import ViewAugmenter
+from pretrain.decode import decode_jpegs_skipping
+from pretrain.faceswap import FaceSwap
+from pretrain.loss import batch_layout
+from pretrain.sampling import FrameSampler, make_rng
+
+STATE_VERSION = 1
+
+
+def identity_code(identity_id: str) -> int:
+    """Stable integer for an identity string (same on every rank and run)."""
+    return zlib.crc32(str(identity_id).encode()) & 0x7FFFFFFF
+
+
+def device_seed(seed: int, epoch: int, rank: int, index: int) -> int:
+    # Salted so the device stream differs from the frame-choice stream of the same batch.
+    return int(
+        np.random.SeedSequence([seed, epoch, rank, index, 0x5EED]).generate_state(1, np.uint64)[0] >> 1
+    )
+
+
+@dataclass
+class Batch:
+    """One rank's training input, on the device."""
+
+    images: torch.Tensor  # (N, 3, crop, crop) float, normalised views
+    positive_index: torch.Tensor  # (N,) long, local rows
+    group_id: torch.Tensor  # (N,) long, clip number within this rank's batch (same clip = same identity)
+    identity: torch.Tensor  # (N,) long, identity_code of each row's clip
+    descriptors: torch.Tensor | None  # (N, D) mouth-eye descriptors for MaskFN (None when MaskFN is off)
+    swapped: torch.Tensor  # (N,) bool, rows whose face was swapped onto a donor
+    clips: int
+    epoch: int
+    index: int  # batch number within the epoch
+    wait_s: float = 0.0  # time the training thread waited for the background threads
+
+
+@dataclass
+class _ClipGroup:
+    epoch: int
+    index: int
+    samples: list[dict[str, Any]]
+    choices: list[tuple[int, ...]]  # frame positions per clip, in row-block order
+
+
+@dataclass
+class HostBatch:
+    """What the background threads hand over: raw bytes or decoded uint8 images, plus metadata."""
+
+    epoch: int
+    index: int
+    keys: list[str]
+    layout: str  # "sslfer" ([A, NA, P, NP]) or "simclr" ([A, P])
+    landmarks: torch.Tensor  # (N, 68, 2) float32 in image_size pixels
+    identity: torch.Tensor  # (B,) long
+    jpegs: list[bytes] | None = None  # device decode path
+    images: torch.Tensor | None = None  # CPU decode path: uint8 (N, 3, S, S)
+    bad_rows: list[int] = field(default_factory=list)
+
+
+class BatchPipeline:
+    """Iterable of :class:`Batch` for one rank; stateful (``state_dict``/``load_state_dict``)."""
+
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device | str = "cpu"):
+        from pretrain.stream import ClipStream
+
+        self.cfg = cfg
+        self.data = cfg.data
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.layout = "sslfer" if cfg.sampling.hard_negatives else "simclr"
+        self.rows_per_clip = 4 if self.layout == "sslfer" else 2
+        self.decode_on_device = self.data.decode == "device" or (
+            self.data.decode == "auto" and self.device.type == "cuda"
+        )
+        # One stream lane per rank: the worker threads here decode, they do not read shards.
+        self.stream = ClipStream.from_config(self.data, rank=rank, world_size=world_size, num_workers=1)
+        if self.steps_in_epoch(0) < 1:
+            raise ValueError(
+                f"data.url={self.data.url}: {self.stream.epoch_length(0)} clips per rank per epoch, fewer than "
+                f"data.batch_clips={self.data.batch_clips}: lower data.batch_clips or use more data/fewer ranks"
+            )
+        self.sampler = FrameSampler(cfg.sampling)
+        self.swap = FaceSwap(cfg.faceswap) if cfg.faceswap.enabled else None
+        self.augment = ViewAugmenter(cfg.augment)
+        self.descriptor = (
+            _build_descriptor(cfg).to(self.device).eval() if cfg.loss.fn_mode != "none" else None
+        )
+        positive, group = batch_layout(self.data.batch_clips, self.layout)
+        self.positive_index = positive.to(self.device)
+        self.group_id = group.to(self.device)
+        self.counters: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._epoch, self._index = 0, 0  # next batch to yield
+        self._stream_state: dict[str, Any] | None = None  # stream position after the last consumed batch
+        self._threads: _Prefetcher | None = None
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Batches per rank in ``epoch`` (the same on every rank; may vary a little between epochs)."""
+        return self.stream.epoch_length(epoch) // self.data.batch_clips
+
+    def total_steps(self, epochs: int) -> int:
+        return sum(self.steps_in_epoch(e) for e in range(epochs))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "epoch": self._epoch,
+            "index": self._index,
+            "stream": self._stream_state,
+            "counters": dict(self.counters),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"data state version {state.get('version')} != {STATE_VERSION}: cannot resume it"
+            )
+        if state["world_size"] != self.world_size or state["rank"] != self.rank:
+            raise ValueError(
+                f"data state of rank {state['rank']}/{state['world_size']} loaded on rank "
+                f"{self.rank}/{self.world_size}: resume with the same number of ranks"
+            )
+        self.close()
+        self._epoch, self._index = state["epoch"], state["index"]
+        self._stream_state = state["stream"]
+        self.counters = Counter(state.get("counters", {}))
+
+    def skipped(self) -> dict[str, int]:
+        with self._lock:
+            out = Counter(self.counters)
+        out.update(self.sampler.counters)
+        out.update(self.stream.counters)
+        return dict(out)
+
+    # ------------------------------------------------------------------ reading (background)
+    def _groups(self, epoch: int, index: int, stream_state):
+        """Clip groups from (epoch, index) on, forever; yields (group, stream state after it)."""
+        b = self.data.batch_clips
+        while True:
+            if stream_state is not None and index > 0:
+                self.stream.load_state_dict(stream_state)
+            else:
+                self.stream.set_epoch(epoch)
+            clips = iter(self.stream)
+            refills = 0
+            steps = self.steps_in_epoch(epoch)
+            while index < steps:
+                rng = make_rng(self.cfg.seed, epoch, self.rank, index)
+                samples, choices = [], []
+                while len(samples) < b:
+                    sample = next(clips, None)
+                    if sample is None:  # skipped clips left this rank short: top up from its epoch start
+                        refills += 1
+                        if refills > 1 + steps:
+                            raise RuntimeError(
+                                f"rank {self.rank}: no usable clips in epoch {epoch} of {self.data.url} "
+                                "(every clip is skipped by sampling.short_clip_policy?)"
+                            )
+                        with self._lock:
+                            self.counters["epoch_refill"] += 1
+                        self.stream.set_epoch(epoch)
+                        clips = iter(self.stream)
+                        continue
+                    choice = self._choose(sample, rng)
+                    if choice is None:
+                        continue
+                    samples.append(sample)
+                    choices.append(choice)
+                state = self.stream.state_dict()
+                yield _ClipGroup(epoch, index, samples, choices), state
+                index += 1
+            epoch, index, stream_state = epoch + 1, 0, None
+
+    def _choose(self, sample: dict[str, Any], rng) -> tuple[int, ...] | None:
+        frames, meta = sample["frames"], sample["meta"]
+        fps = float(meta.get("fps") or 25.0 / 6.0)
+        choice = self.sampler.sample_clip(len(frames), fps, rng)
+        if choice is None:
+            return None
+        if self.layout == "sslfer":
+            return (choice.anchor, choice.hard_anchor, choice.positive, choice.hard_positive)
+        return (choice.anchor, choice.positive)
+
+    def prepare(self, group: _ClipGroup) -> HostBatch:
+        """Row-ordered bytes/images and landmarks of one clip group (runs in a worker thread)."""
+        size = self.data.image_size
+        jpegs: list[bytes] = []
+        landmarks = []
+        for block in range(self.rows_per_clip):
+            for sample, choice in zip(group.samples, group.choices):
+                pos = choice[block]
+                meta = sample["meta"]
+                jpegs.append(sample["frames"][pos])
+                scale = size / float(meta.get("size") or size)
+                landmarks.append(np.asarray(meta["landmarks"][pos], dtype=np.float32) * scale)
+        host = HostBatch(
+            epoch=group.epoch,
+            index=group.index,
+            keys=[s["key"] for s in group.samples],
+            layout=self.layout,
+            landmarks=torch.from_numpy(np.stack(landmarks)),
+            identity=torch.tensor(
+                [identity_code(s["meta"].get("identity_id", s["key"])) for s in group.samples]
+            ),
+        )
+        if self.decode_on_device:
+            host.jpegs = jpegs
+        else:
+            host.images, host.bad_rows = self._decode(jpegs, "cpu")
+            if self.device.type == "cuda":
+                host.images = host.images.pin_memory()
+        return host
+
+    def _decode(self, jpegs: list[bytes], device) -> tuple[torch.Tensor, list[int]]:
+        images, bad = decode_jpegs_skipping(jpegs, device, self.data.image_size)
+        if not bad:
+            return images, []
+        with self._lock:
+            self.counters["corrupt_jpeg"] += len(bad)
+        if images is None:
+            raise RuntimeError(f"every JPEG of a batch failed to decode ({len(jpegs)} images)")
+        # Keep the batch shape: a corrupt frame is replaced by another decoded row of the same clip (or any).
+        b = self.data.batch_clips
+        good = [i for i in range(len(jpegs)) if i not in set(bad)]
+        full = torch.empty((len(jpegs), *images.shape[1:]), dtype=images.dtype, device=images.device)
+        full[good] = images
+        for i in bad:
+            same_clip = [j for j in good if j % b == i % b]
+            full[i] = full[(same_clip or good)[0]]
+        return full, bad
+
+    # ------------------------------------------------------------------ device side
+    def finish(self, host: HostBatch, wait_s: float = 0.0) -> Batch:
+        """Decode (device path), FaceSwap the positives, augment both families, descriptors."""
+        device = self.device
+        if host.jpegs is not None:
+            images, _ = self._decode(host.jpegs, device)
+        else:
+            images = host.images.to(device, non_blocking=True)
+        landmarks = host.landmarks.to(device, non_blocking=True)
+        n = images.shape[0]
+        half = n // 2  # anchors (A, NA) first, positives (P, NP) second, in both layouts
+        identity = host.identity.to(device).repeat(self.rows_per_clip)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(device_seed(self.cfg.seed, host.epoch, self.rank, host.index))
+
+        swapped = torch.zeros(n, dtype=torch.bool, device=device)
+        view_landmarks = landmarks
+        positives, positive_landmarks = images[half:], landmarks[half:]
+        if self.swap is not None:
+            # Donors: any row of the batch (before swapping) with another identity.
+            result = self.swap(
+                positives, positive_landmarks, identity[half:], gen,
+                donor_images=images, donor_landmarks=landmarks, donor_identity=identity,
+            )  # fmt: skip
+            positives, positive_landmarks = result.images, result.landmarks
+            swapped[half:] = result.swapped
+            view_landmarks = torch.cat([landmarks[:half], positive_landmarks])
+        first = self.augment(images[:half], view_landmarks[:half], "first", gen)
+        second = self.augment(positives, positive_landmarks, "second", gen)
+        views = torch.cat([first, second])
+        if self.cfg.augment.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        descriptors = None
+        if self.descriptor is not None:  # from the un-augmented source frames: the expression, not the view
+            with torch.no_grad():
+                descriptors = self.descriptor(images, landmarks)
+        return Batch(
+            images=views,
+            positive_index=self.positive_index,
+            group_id=self.group_id,
+            identity=identity,
+            descriptors=descriptors,
+            swapped=swapped,
+            clips=self.data.batch_clips,
+            epoch=host.epoch,
+            index=host.index,
+            wait_s=wait_s,
+        )
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self):
+        self.close()
+        self._threads = _Prefetcher(self, self._epoch, self._index, self._stream_state)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                host, stream_state = self._threads.get()
+                wait_s = time.perf_counter() - t0
+                batch = self.finish(host, wait_s)
+                # Consumed: a checkpoint taken now resumes at the next batch.
+                self._epoch, self._index = host.epoch, host.index + 1
+                if self._index >= self.steps_in_epoch(host.epoch):
+                    self._epoch, self._index, stream_state = host.epoch + 1, 0, None
+                self._stream_state = stream_state
+                yield batch
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.stop()
+            self._threads = None
+
+
+class _Prefetcher:
+    """Reader thread + worker pool; hands out prepared batches strictly in order."""
+
+    def __init__(self, pipeline: BatchPipeline, epoch: int, index: int, stream_state):
+        self.pipeline = pipeline
+        workers = pipeline.data.num_workers
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch") if workers else None
+        self.inline = None
+        self.futures: queue.Queue = queue.Queue(maxsize=pipeline.data.prefetch)
+        self._stop = threading.Event()
+        groups = pipeline._groups(epoch, index, stream_state)
+        if self.pool is None:
+            self.inline = groups  # num_workers=0: everything in the training thread (debugging)
+            self.thread = None
+        else:
+            self.thread = threading.Thread(target=self._read, args=(groups,), name="clip-reader", daemon=True)
+            self.thread.start()
+
+    def _read(self, groups) -> None:
+        try:
+            for group, state in groups:
+                future = self.pool.submit(self.pipeline.prepare, group)
+                while not self._stop.is_set():
+                    try:
+                        self.futures.put((future, state), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as err:  # surface reader errors (bad store, no data) in the training thread
+            failed: Future = Future()
+            failed.set_exception(err)
+            self.futures.put((failed, None))
+
+    def get(self) -> tuple[HostBatch, Any]:
+        if self.inline is not None:
+            group, state = next(self.inline)
+            return self.pipeline.prepare(group), state
+        future, state = self.futures.get()
+        return future.result(), state
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.thread is not None:
+            while self.thread.is_alive():
+                try:
+                    self.futures.get_nowait()
+                except queue.Empty:
+                    self.thread.join(timeout=0.05)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _build_descriptor(cfg):
+    """The MaskFN descriptor callable ``landmarks (N,68,2) -> (N, D)`` from ``cfg.descriptors``."""
+    from pretrain import descriptors
+
+    return descriptors.build_descriptor(cfg.descriptors)

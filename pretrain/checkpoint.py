@@ -1,0 +1,207 @@
+"""Checkpoints: periodic and on SIGTERM/SIGINT, published atomically, resumable bit-exactly.
+
+Layout under ``run_dir/checkpoints``::
+
+    step-00000100/            one published checkpoint (DeepSpeed's files + ours)
+        meta.json             step, epoch, world size, ZeRO stage (read before anything is loaded)
+        rank-00000.pt ...     per-rank state: RNG states (python, numpy, torch, CUDA), data-stream position
+        <DeepSpeed files>     model, optimizer, LR scheduler (+ client_state: step, epoch)
+    latest                    text file naming the newest published checkpoint
+
+A checkpoint is written under ``step-XXXXXXXX.partial`` and renamed once every rank has finished, then
+``latest`` is replaced (write-temp-then-rename), so a kill at any moment leaves the previous checkpoint intact.
+DeepSpeed's own ``latest`` file is not used: it would point at a half-written tag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain import distributed
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+PARTIAL_SUFFIX = ".partial"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used for this run; the message says why and what to do."""
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGINT instead of dying, so the loop can save a checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means "now"
+        self.received = signum
+
+
+class Checkpointer:
+    """Save/load full training state through a DeepSpeed engine, plus mirror and retention."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, mirror_url: str | None = None):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.mirror_url = mirror_url
+
+    # ------------------------------------------------------------------ finding checkpoints
+    def latest(self) -> Path | None:
+        pointer = self.dir / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.dir / pointer.read_text().strip()
+        return path if (path / "meta.json").is_file() else None
+
+    def resolve(self, resume: str) -> Path | None:
+        """``resume`` setting -> checkpoint folder to load (None: start fresh)."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if path.is_dir() and (path / LATEST).is_file() and not (path / "meta.json").is_file():
+            path = path / (path / LATEST).read_text().strip()  # a checkpoints/ folder was given
+        if not (path / "meta.json").is_file():
+            raise CheckpointError(
+                f"config key 'resume': '{resume}' is not a checkpoint folder (expected meta.json inside, e.g. "
+                "RUN_DIR/checkpoints/step-00001000); use resume=auto to pick the latest one"
+            )
+        return path
+
+    # ------------------------------------------------------------------ save
+    def save(self, engine, step: int, epoch: int, rank_state: dict[str, Any], zero_stage: int) -> Path:
+        """Collective: every rank must call it. Returns the published folder."""
+        tag = tag_for(step)
+        partial_tag = tag + PARTIAL_SUFFIX
+        rank, world = distributed.get_rank(), distributed.get_world_size()
+        partial = self.dir / partial_tag
+        if distributed.is_main():
+            shutil.rmtree(partial, ignore_errors=True)  # leftovers of a save that was killed
+            partial.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        engine.save_checkpoint(
+            str(self.dir), tag=partial_tag, client_state={"step": step, "epoch": epoch}, save_latest=False
+        )
+        torch.save({**rank_state, "rng": rng_state()}, partial / f"rank-{rank:05d}.pt")
+        distributed.barrier()
+        final = self.dir / tag
+        if distributed.is_main():
+            meta = {"step": step, "epoch": epoch, "world_size": world, "zero_stage": zero_stage, "tag": tag}
+            (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            _write_atomic(self.dir / LATEST, tag)
+            self._prune(keep=tag)
+            if self.mirror_url:
+                self._mirror(final)
+        distributed.barrier()
+        return final
+
+    def _prune(self, keep: str) -> None:
+        if self.keep_last <= 0:
+            return
+        tags = sorted(
+            p for p in self.dir.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX)
+        )
+        for old in tags[: -self.keep_last]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _mirror(self, folder: Path) -> None:
+        """Copy a published checkpoint to ``mirror_url`` (s3:// or a folder); ``latest`` goes last."""
+        try:
+            from data_shards import store
+        except ImportError:  # pragma: no cover - store is part of the project
+            log.warning("checkpoint.mirror_url is set but data_shards.store is unavailable: not mirrored")
+            return
+        base = store.join(self.mirror_url, folder.name)
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                store.put_file(str(path), store.join(base, path.relative_to(folder).as_posix()))
+        pointer = self.dir / LATEST
+        store.put_file(str(pointer), store.join(self.mirror_url, LATEST))
+
+    # ------------------------------------------------------------------ load
+    def check_compatible(self, path: Path, world_size: int, zero_stage: int) -> dict[str, Any]:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta["world_size"] != world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {meta['world_size']} ranks but this run has {world_size}: "
+                "the per-rank data position and ZeRO partitions cannot be re-split. Resume with "
+                f"{meta['world_size']} ranks, or start a new run_dir (resume=never) with weights from "
+                "model.weights_path"
+            )
+        if meta["zero_stage"] != zero_stage:
+            raise CheckpointError(
+                f"checkpoint {path} used zero_stage={meta['zero_stage']} but this run has zero_stage="
+                f"{zero_stage}: set zero_stage={meta['zero_stage']} to resume"
+            )
+        return meta
+
+    def load(self, engine, path: Path, world_size: int, zero_stage: int) -> dict[str, Any]:
+        """Collective. Loads model/optimizer/scheduler into ``engine``; returns this rank's state + meta."""
+        meta = self.check_compatible(path, world_size, zero_stage)
+        load_path, client = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint files in {path}")
+        rank = distributed.get_rank()
+        rank_file = path / f"rank-{rank:05d}.pt"
+        state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        set_rng_state(state.pop("rng"))
+        state.update(step=int(client["step"]), epoch=int(client["epoch"]), meta=meta)
+        return state
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

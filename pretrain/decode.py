@@ -1,0 +1,87 @@
+"""Batched JPEG decode: lists of JPEG bytes -> one uint8 tensor (N, 3, H, W).
+
+``device="cuda"`` decodes the whole list with nvjpeg in one call; otherwise libjpeg on the CPU. A corrupt JPEG
+raises :class:`CorruptImage` carrying its index so the caller can drop it, count it and retry;
+:func:`decode_jpegs_skipping` does exactly that.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
+
+
+class CorruptImage(ValueError):
+    """JPEG number ``index`` of the list could not be decoded."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"JPEG at index {index} could not be decoded: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+def _as_byte_tensor(data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data
+    # frombuffer shares memory with the bytes object; decode_jpeg only reads it.
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _decode_one(raw: torch.Tensor, index: int, device: str) -> torch.Tensor:
+    try:
+        return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    except (RuntimeError, ValueError) as err:
+        raise CorruptImage(index, str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+
+
+def decode_jpegs(
+    jpegs: list[bytes] | list[torch.Tensor], device: str | torch.device = "cpu", size: int | None = None
+) -> torch.Tensor:
+    """Decode ``jpegs`` to uint8 (N, 3, H, W) on ``device``.
+
+    All images must share one size unless ``size`` is given, in which case every image is resized
+    (antialiased bilinear) to ``size`` x ``size``. Raises :class:`CorruptImage` for the first bad JPEG.
+    """
+    if not jpegs:
+        raise ValueError("decode_jpegs: empty list of JPEGs")
+    device = torch.device(device)
+    raws = [_as_byte_tensor(j) for j in jpegs]
+    if device.type == "cuda":
+        try:
+            images = decode_jpeg(raws, mode=ImageReadMode.RGB, device=device)
+        except (RuntimeError, ValueError):
+            # The batched nvjpeg call does not say which image failed: find it one by one.
+            images = [_decode_one(r, i, str(device)) for i, r in enumerate(raws)]
+    else:
+        images = [_decode_one(r, i, "cpu") for i, r in enumerate(raws)]
+    shapes = {tuple(im.shape) for im in images}
+    if size is not None:
+        images = [
+            im
+            if im.shape[-2:] == (size, size)
+            else F.interpolate(im[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
+            .round_()
+            .clamp_(0, 255)
+            .to(torch.uint8)
+            for im in images
+        ]
+    elif len(shapes) > 1:
+        raise ValueError(
+            f"decode_jpegs: images have different sizes {sorted(shapes)}; pass size=... to resize them"
+        )
+    return torch.stack(images)
+
+
+def decode_jpegs_skipping(
+    jpegs: list[bytes] | list[torch.Tensor], device: str | torch.device = "cpu", size: int | None = None
+) -> tuple[torch.Tensor | None, list[int]]:
+    """Like :func:`decode_jpegs` but drops corrupt JPEGs; returns (images of the good ones, bad indices)."""
+    good = list(range(len(jpegs)))
+    bad: list[int] = []
+    while good:
+        try:
+            return decode_jpegs([jpegs[i] for i in good], device, size), sorted(bad)
+        except CorruptImage as err:
+            bad.append(good.pop(err.index))
+    return None, sorted(bad)

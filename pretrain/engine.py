@@ -1,0 +1,346 @@
+"""The training program: a :class:`Trainer` that runs the contrastive objective under DeepSpeed.
+
+Named steps, in order: :meth:`Trainer.init_distributed`, :meth:`Trainer.build_data`,
+:meth:`Trainer.build_model` (``deepspeed.initialize``), :meth:`Trainer.maybe_resume`, then :meth:`Trainer.train`
+(the loop) calling :meth:`Trainer.train_step` per batch. The model and the loss are plain modules; DeepSpeed
+appears only here (engine, optimiser, checkpoints) and in ``launch/ds_config.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from launch.configio import save_config
+from launch.ds_config import build_ds_config, lr_scheduler_factory
+from pretrain import distributed
+from pretrain.batches import Batch, BatchPipeline
+from pretrain.checkpoint import Checkpointer, StopSignal
+from pretrain.config import PretrainConfig
+from pretrain.loss import DistributedInfoNCE, LossOutput
+from pretrain.model import ContrastiveEncoder, save_backbone
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's loss (detached); the logged value is its mean over ranks
+    out: LossOutput
+    images: int  # images this rank processed
+    lr: float  # learning rate this step used
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.step = 0  # optimiser steps completed
+        self.epoch = 0
+        self.resumed_from: Path | None = None
+        self.init_distributed()
+        self.build_data()
+        self.build_model()
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.mirror_url)
+        self.metrics = None
+        self.maybe_resume()
+
+    # ------------------------------------------------------------------ setup
+    def init_distributed(self) -> None:
+        cfg = self.cfg
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                "config key 'device': cuda requested but CUDA is not available; use device=cpu"
+            )
+        info = distributed.init_distributed("nccl" if want_cuda else "gloo")
+        if info.backend == "none":
+            # DeepSpeed insists on a process group even for one process; a plain `python` start gets a
+            # one-rank group on a free loopback port.
+            import deepspeed
+
+            _single_process_env()
+            deepspeed.init_distributed("nccl" if want_cuda else "gloo", auto_mpi_discovery=False)
+        self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+        self.device = torch.device("cuda", distributed.get_local_rank()) if want_cuda else torch.device("cpu")
+        if want_cuda:
+            torch.backends.cudnn.benchmark = True
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+
+    def build_data(self) -> None:
+        self.batches = BatchPipeline(self.cfg, self.rank, self.world_size, self.device)
+        self.total_steps = self.cfg.max_steps or self.batches.total_steps(self.cfg.epochs)
+
+    def build_model(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        # model.channels_last: the views arrive channels_last and convolutions follow their input's format.
+        # The weights stay contiguous: DeepSpeed broadcasts/flattens parameters as plain byte views, which
+        # channels_last weights are not.
+        model = ContrastiveEncoder(cfg.model)
+        self.loss_fn = DistributedInfoNCE(cfg.loss)
+        self.ds_config = build_ds_config(cfg, self.world_size)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.ds_config,
+            lr_scheduler=lr_scheduler_factory(cfg, self.total_steps),
+            dist_init_required=False,
+        )
+        self.set_train_mode()
+
+    def set_train_mode(self) -> None:
+        self.engine.train()
+        if self.cfg.freeze_bn_stats:
+            # Running-stat BatchNorm couples no rows of a batch, so a rank's forward equals its slice of the
+            # single-process forward (used by the exactness test); batch statistics would differ per rank.
+            for module in self.engine.module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def maybe_resume(self) -> None:
+        path = self.checkpointer.resolve(self.cfg.resume)
+        if path is None:
+            return
+        state = self.checkpointer.load(self.engine, path, self.world_size, int(self.cfg.zero_stage))
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.resumed_from = path
+        self.batches.load_state_dict(state["data"])
+        self.set_train_mode()
+        if distributed.is_main():
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+
+    # ------------------------------------------------------------------ one step
+    def forward_loss(self, batch: Batch) -> LossOutput:
+        images = batch.images
+        if self.cfg.precision == "bf16":
+            images = images.to(torch.bfloat16)
+        z = self.engine(images).float()  # the loss runs in fp32 whatever the model precision
+        return self.loss_fn(z, batch.positive_index, batch.group_id, batch.descriptors)
+
+    def train_step(self, batch: Batch) -> StepResult:
+        lr = self.current_lr()  # engine.step() advances the schedule: read the LR this step uses first
+        out = self.forward_loss(batch)
+        self.engine.backward(out.loss)
+        self.engine.step()  # averages gradients over ranks, clips, Adam, LR schedule
+        return StepResult(out.loss.detach(), out, batch.images.shape[0], lr)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        t0 = time.perf_counter()
+        path = self.checkpointer.save(
+            self.engine,
+            self.step,
+            self.epoch,
+            {"data": self.batches.state_dict()},
+            int(self.cfg.zero_stage),
+        )
+        if self.metrics is not None:
+            self.metrics.observe_checkpoint(time.perf_counter() - t0)
+        return path
+
+    def _should_stop(self, stop: StopSignal | None) -> bool:
+        # One rank may get the signal first (the deepspeed launcher terminates ranks one by one): agree.
+        flag = torch.tensor([1.0 if stop is not None and stop.received is not None else 0.0])
+        return bool(distributed.all_reduce_mean(flag.to(self._flag_device)).item() > 0)
+
+    @property
+    def _flag_device(self) -> torch.device:
+        return self.device  # nccl needs device tensors; gloo takes CPU ones
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> str:
+        """Run to ``max_steps`` (or ``stop_at_step`` / a signal). Returns finished|stopped|signal."""
+        cfg = self.cfg
+        main = distributed.is_main()
+        if main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._start_metrics()
+        stop = StopSignal().install() if cfg.checkpoint.on_signal else None
+        last = min(self.total_steps, cfg.stop_at_step or self.total_steps)
+        progress = _progress(self.total_steps, self.step, main)
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if main else None  # noqa: SIM115
+        window = _Window()
+        status = "finished"
+        saved_at = self.step if self.resumed_from is not None else -1  # that checkpoint exists already
+        batches = iter(self.batches)
+        try:
+            while self.step < last:
+                t0 = time.perf_counter()
+                batch = next(batches)
+                t_data = time.perf_counter() - t0
+                result = self.train_step(batch)
+                self.step += 1
+                self.epoch = batch.epoch
+                if self.device.type == "cuda" and self.step % cfg.log_every == 0:
+                    torch.cuda.synchronize(self.device)
+                window.add(time.perf_counter() - t0, t_data, batch.wait_s, result.images, batch.clips)
+                stopping = self._should_stop(stop)
+                if self.step % cfg.log_every == 0 or self.step == last or stopping:
+                    self._log_step(result, window, metrics_file, progress)
+                    window = _Window()
+                if stopping:
+                    status = "signal"
+                    break
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    saved_at = self.step
+            if status == "finished" and self.step < self.total_steps:
+                status = "stopped"
+            if saved_at != self.step:
+                self.save_checkpoint()
+            if status != "signal" and main:
+                save_backbone(self.engine.module.backbone, self.run_dir / "backbone.pt")
+            distributed.barrier()
+        finally:
+            if stop is not None:
+                stop.uninstall()
+            if metrics_file is not None:
+                metrics_file.close()
+            progress.close()
+            self.batches.close()
+            if self.metrics is not None:
+                self.metrics.stop()
+        if main:
+            log.info(
+                "training %s at step %d/%d; run dir %s", status, self.step, self.total_steps, self.run_dir
+            )
+        return status
+
+    def _start_metrics(self) -> None:
+        if not self.cfg.metrics.enabled:
+            return
+        from pretrain.metrics import TrainMetrics
+
+        self.metrics = TrainMetrics(
+            self.cfg.metrics, self.rank, distributed.get_local_rank(), self.run_dir.name
+        )
+        self.metrics.start(distributed.get_local_rank())
+
+    def _log_step(self, result: StepResult, window: _Window, metrics_file, progress) -> None:
+        out = result.out
+        stats = torch.stack(
+            [
+                result.loss.float(),
+                out.l1.float(),
+                out.l2.float(),
+                out.positive_top1.float(),
+                out.negatives_per_row.float(),
+                (out.pick_same_group_rate if out.pick_same_group_rate is not None else out.l2 * 0).float(),
+            ]
+        ).to(self._flag_device)
+        loss, l1, l2, top1, negs, same = distributed.all_reduce_mean(stats).tolist()
+        images_per_s = window.images * self.world_size / max(window.seconds, 1e-9)
+        wait_fraction = window.wait / max(window.seconds, 1e-9)
+        lr = result.lr
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.metrics is not None:
+            self.metrics.observe_step(
+                step_seconds=window.seconds / max(window.steps, 1),
+                data_wait_seconds=window.wait / max(window.steps, 1),
+                allgather_seconds=0.0,
+                clips=window.clips,
+                images=window.images,
+                loss=loss,
+                l1=l1,
+                l2=l2,
+                pick_rate=1.0 if out.pick_index is not None else 0.0,
+                same_identity_rate=same if out.pick_same_group_rate is not None else None,
+                lr=lr,
+            )
+            self.metrics.set_skipped(self.batches.skipped())
+        if metrics_file is None:
+            return
+        line = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": loss,
+            "l1": l1,
+            "l2": l2,
+            "lr": lr,
+            "images_per_s": images_per_s,
+            "data_wait_fraction": wait_fraction,
+            "input_prep_fraction": window.prep / max(window.seconds, 1e-9),
+            "step_time_s": window.seconds / max(window.steps, 1),
+            "positive_top1": top1,
+            "negatives_per_row": negs,
+            "pick_same_identity_rate": same if out.pick_same_group_rate is not None else None,
+            "peak_memory_bytes": peak,
+            "skipped": self.batches.skipped(),
+            "time": time.time(),
+        }
+        metrics_file.write(json.dumps(line) + "\n")
+        metrics_file.flush()
+        progress.update(self.step - progress.n)
+        progress.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}", wait=f"{wait_fraction:.0%}"
+        )
+
+
+class _Window:
+    """Sums over the steps between two metrics lines."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.seconds = self.wait = self.prep = 0.0
+        self.images = self.clips = 0
+
+    def add(self, seconds: float, data_s: float, wait_s: float, images: int, clips: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.wait += wait_s  # blocked on the background input threads
+        self.prep += max(0.0, data_s - wait_s)  # on-device decode/FaceSwap/augmentation in this thread
+        self.images += images
+        self.clips += clips
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (a hard kill loses those steps; they rerun)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
+def _single_process_env() -> None:
+    os.environ.update(RANK="0", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"), WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def run(cfg: PretrainConfig) -> str:
+    """Build a :class:`Trainer` and train; the whole program behind ``launch/pretrain.py``."""
+    return Trainer(cfg).train()

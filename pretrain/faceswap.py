@@ -1,0 +1,400 @@
+"""Batched FaceSwap on device tensors: the positive's inner face (its expression) pasted onto another identity.
+
+For each source image (a positive view) chosen with probability ``p``, a donor of another identity is picked
+from a pool (by default the batch itself). Then, all samples at once:
+
+1. similarity transform (Procrustes/Umeyama, no reflection) mapping the source's brow/eye/nose/mouth landmarks
+   onto the donor's;
+2. the source is warped into the donor frame (``grid_sample``, border padding);
+3. mask = union of the convex hulls of eyes+brows and of nose+mouth, for the warped source landmarks and the
+   donor landmarks (so none of the donor's own expression shows through). Hulls are found for the whole batch at
+   once (an edge i->j is on the hull iff all points lie on one side of it) and rasterised as the intersection of
+   their half-planes, which also gives a signed distance used for a linear feather;
+4. colour correction: warped source x blur(donor) / blur(warped source), Gaussian width ``blur_fraction`` x the
+   donor's inter-ocular distance (kernel width as in the classic OpenCV recipe, sigma per sample);
+5. feathered blend onto the donor.
+
+The output landmarks are the source landmarks mapped into the donor frame. :func:`face_swap_reference` is a
+plain per-sample NumPy/SciPy version used only by the tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pretrain.augment import gaussian_blur_per_sample
+
+BROWS = tuple(range(17, 27))
+NOSE = tuple(range(27, 36))
+EYES = tuple(range(36, 48))
+MOUTH = tuple(range(48, 68))
+ALIGN_POINTS = BROWS + NOSE + EYES + MOUTH
+HULL_GROUPS = (BROWS + EYES, NOSE + MOUTH)
+RIGHT_EYE, LEFT_EYE = tuple(range(36, 42)), tuple(range(42, 48))
+
+
+@dataclass
+class FaceSwapConfig:
+    p: float = 0.8
+    blur_fraction: float = 0.6  # colour-correction blur width / inter-ocular distance
+    feather_fraction: float = 0.08  # width of the mask's soft edge / inter-ocular distance
+
+    def validate(self) -> None:
+        from launch.configio import ConfigError
+
+        if not 0.0 <= self.p <= 1.0:
+            raise ConfigError(f"config key 'faceswap.p': a probability in [0, 1] is needed, got {self.p}")
+        if self.blur_fraction <= 0:
+            raise ConfigError(f"config key 'faceswap.blur_fraction': must be > 0, got {self.blur_fraction}")
+        if self.feather_fraction < 0:
+            raise ConfigError(
+                f"config key 'faceswap.feather_fraction': must be >= 0, got {self.feather_fraction}"
+            )
+
+
+@dataclass
+class SwapResult:
+    images: torch.Tensor  # (N, 3, H, W), the input dtype; unswapped rows are the untouched sources
+    landmarks: torch.Tensor  # (N, 68, 2) landmarks of the output images
+    swapped: torch.Tensor  # (N,) bool
+    donor_index: torch.Tensor  # (N,) long index into the donor pool, -1 where not swapped
+
+
+def inter_ocular(landmarks: torch.Tensor) -> torch.Tensor:
+    """(N,) distance between the eye centres."""
+    right = landmarks[:, list(RIGHT_EYE)].mean(dim=1)
+    left = landmarks[:, list(LEFT_EYE)].mean(dim=1)
+    return (left - right).norm(dim=-1)
+
+
+def blur_kernel_sigma(iod: torch.Tensor, blur_fraction: float) -> torch.Tensor:
+    """OpenCV's sigma for an odd kernel of width ~blur_fraction x iod (the classic faceswap recipe)."""
+    k = torch.floor(blur_fraction * iod / 2) * 2 + 1
+    return 0.3 * ((k - 1) * 0.5 - 1) + 0.8
+
+
+def similarity_transforms(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched Umeyama: (A (N,2,2), t (N,2)) minimising |A src + t - dst|^2 with A = s R, det R = +1."""
+    src, dst = src.double(), dst.double()
+    mu_s, mu_d = src.mean(dim=1, keepdim=True), dst.mean(dim=1, keepdim=True)
+    a, b = src - mu_s, dst - mu_d
+    cov = b.transpose(1, 2) @ a / src.shape[1]  # (N, 2, 2)
+    u, sv, vh = torch.linalg.svd(cov)
+    d = torch.sign(torch.linalg.det(u @ vh))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    sign = torch.stack([torch.ones_like(d), d], dim=1)
+    rot = u @ torch.diag_embed(sign) @ vh
+    var_s = (a * a).sum(dim=(1, 2)) / src.shape[1]
+    scale = (sv * sign).sum(dim=1) / var_s.clamp_min(1e-12)
+    mat = rot * scale[:, None, None]
+    t = mu_d[:, 0] - (mat @ mu_s[:, 0, :, None])[..., 0]
+    return mat.float(), t.float()
+
+
+def apply_transform(points: torch.Tensor, mat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("nij,nkj->nki", mat, points) + t[:, None]
+
+
+def hull_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact convex hull edges of (N, K, 2) points as half-planes: unit outward normals (N, E, 2), offsets (N, E).
+
+    Edge i->j belongs to the hull iff every point lies on its inner side (cross product >= 0): one batched
+    (N, K, K, K) test, no per-sample hull algorithm. Rows with fewer than E edges are padded with never-binding
+    half-planes (offset +inf).
+    """
+    p = points.float()
+    d = p[:, None, :, :] - p[:, :, None, :]  # d[n, i, j] = p_j - p_i
+    cross = d[:, :, :, None, 0] * d[:, :, None, :, 1] - d[:, :, :, None, 1] * d[:, :, None, :, 0]
+    length = d.norm(dim=-1)
+    valid = (cross >= -1e-4 * length[..., None]).all(dim=-1) & (length > 1e-6)  # (N, K, K)
+    n, k = p.shape[:2]
+    valid, d, length = valid.reshape(n, k * k), d.reshape(n, k * k, 2), length.reshape(n, k * k)
+    count = int(valid.sum(dim=1).max())
+    order = valid.float().argsort(dim=1, descending=True, stable=True)[:, :count]  # valid edges first
+    d = d.gather(1, order[..., None].expand(-1, -1, 2))
+    length = length.gather(1, order).clamp_min(1e-6)
+    start = p.repeat_interleave(k, dim=1).gather(1, order[..., None].expand(-1, -1, 2))  # p_i of edge i->j
+    normals = torch.stack([d[..., 1], -d[..., 0]], dim=-1) / length[..., None]
+    offsets = (normals * start).sum(dim=-1)
+    offsets = torch.where(valid.gather(1, order), offsets, torch.full_like(offsets, math.inf))
+    return normals, offsets
+
+
+def hull_signed_distance(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, H, W) signed distance to the convex hull of ``points`` (N, K, 2): max over its edges' half-planes.
+
+    Exact inside (< 0); outside it is the distance to the nearest edge line, which is all a feather needs.
+    """
+    normals, offsets = hull_edges(points)
+    ys = torch.arange(height, device=points.device, dtype=torch.float32)[None, :, None]
+    xs = torch.arange(width, device=points.device, dtype=torch.float32)[None, None, :]
+    out = torch.full((points.shape[0], height, width), -math.inf, device=points.device)
+    for e in range(normals.shape[1]):  # a loop over hull edges (<= K), batched over samples and pixels
+        nx, ny = normals[:, e, 0, None, None], normals[:, e, 1, None, None]
+        out = torch.maximum(out, xs * nx + ys * ny - offsets[:, e, None, None])
+    return out
+
+
+def face_masks(
+    landmark_sets: list[torch.Tensor], height: int, width: int, feather: torch.Tensor
+) -> torch.Tensor:
+    """(N, 1, H, W) soft union of the inner-face hulls of every landmark set in ``landmark_sets``."""
+    dist = None
+    for pts in landmark_sets:
+        for group in HULL_GROUPS:
+            d = hull_signed_distance(pts[:, list(group)], height, width)
+            dist = d if dist is None else torch.minimum(dist, d)
+    width_px = feather.clamp_min(1e-3)[:, None, None]
+    return (0.5 - dist / width_px).clamp(0, 1)[:, None]
+
+
+def draw_donors(
+    identity: torch.Tensor, pool_identity: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """(N,) uniform random donor index in the pool with another identity; -1 where none exists."""
+    scores = torch.rand(
+        identity.shape[0], pool_identity.shape[0], generator=generator, device=generator.device
+    )
+    scores = scores.to(identity.device)
+    allowed = identity[:, None] != pool_identity[None, :].to(identity.device)
+    scores = torch.where(allowed, scores, torch.full_like(scores, -1.0))
+    best, index = scores.max(dim=1)
+    return torch.where(best >= 0, index, torch.full_like(index, -1))
+
+
+def face_swap(
+    source: torch.Tensor,
+    source_landmarks: torch.Tensor,
+    donor: torch.Tensor,
+    donor_landmarks: torch.Tensor,
+    cfg: FaceSwapConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste every source's inner face onto the paired donor. Float (N,3,H,W) in 0..255 -> same, landmarks."""
+    n, _, height, width = donor.shape
+    src_pts, dst_pts = source_landmarks.float(), donor_landmarks.float()
+    mat, t = similarity_transforms(src_pts[:, list(ALIGN_POINTS)], dst_pts[:, list(ALIGN_POINTS)])
+    out_landmarks = apply_transform(src_pts, mat, t)
+
+    # Inverse map: donor pixel p -> source position A^-1 (p - t); normalised for grid_sample.
+    inv = torch.linalg.inv(mat)
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=donor.device, dtype=torch.float32),
+        torch.arange(width, device=donor.device, dtype=torch.float32),
+        indexing="ij",
+    )
+    pix = torch.stack([xs, ys], dim=-1).reshape(1, -1, 2) - t[:, None]
+    src_xy = torch.einsum("nij,nkj->nki", inv, pix).reshape(n, height, width, 2)
+    src_h, src_w = source.shape[-2:]
+    grid = torch.stack([(2 * src_xy[..., 0] + 1) / src_w - 1, (2 * src_xy[..., 1] + 1) / src_h - 1], dim=-1)
+    warped = F.grid_sample(source.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    iod = inter_ocular(dst_pts)
+    mask = face_masks([out_landmarks, dst_pts], height, width, cfg.feather_fraction * iod)
+
+    sigma = blur_kernel_sigma(iod, cfg.blur_fraction)
+    radius = int(math.ceil(3 * float(sigma.max())))
+    both = gaussian_blur_per_sample(torch.cat([donor.float(), warped]), torch.cat([sigma, sigma]), radius)
+    blur_donor, blur_warped = both[:n], both[n:]
+    # As in the classic recipe: avoid dividing by ~0 in dark areas.
+    blur_warped = blur_warped + 128.0 * (blur_warped <= 1.0)
+    corrected = (warped * blur_donor / blur_warped).clamp(0, 255)
+    out = donor.float() * (1 - mask) + corrected * mask
+    return out, out_landmarks
+
+
+class FaceSwap:
+    """Randomly face-swap a batch of positives onto donors of another identity (see module docstring)."""
+
+    def __init__(self, cfg: FaceSwapConfig | None = None):
+        self.cfg = cfg or FaceSwapConfig()
+        self.cfg.validate()
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        landmarks: torch.Tensor,
+        identity: torch.Tensor,
+        generator: torch.Generator,
+        donor_images: torch.Tensor | None = None,
+        donor_landmarks: torch.Tensor | None = None,
+        donor_identity: torch.Tensor | None = None,
+        donor_index: torch.Tensor | None = None,
+    ) -> SwapResult:
+        """``images`` (N,3,H,W) uint8 or float 0..255 with ``landmarks`` (N,68,2) and integer ``identity`` (N,).
+
+        The donor pool defaults to the batch itself. ``donor_index`` (N,) fixes the donors (-1: no swap);
+        otherwise they are drawn with ``generator`` among pool entries of another identity.
+        """
+        if donor_images is None:
+            donor_images, donor_landmarks, donor_identity = images, landmarks, identity
+        device = images.device
+        n = images.shape[0]
+        coin = torch.rand(n, generator=generator, device=generator.device).to(device) < self.cfg.p
+        if donor_index is None:
+            donor_index = draw_donors(identity.to(device), donor_identity.to(device), generator)
+        donor_index = donor_index.to(device).long()
+        swapped = coin & (donor_index >= 0)
+        donor_index = torch.where(swapped, donor_index, torch.full_like(donor_index, -1))
+        out_images, out_landmarks = images.clone(), landmarks.clone().float()
+        rows = swapped.nonzero()[:, 0]
+        if rows.numel():  # swap only the chosen rows: a batched op on the subset
+            pick = donor_index[rows]
+            result, result_lm = face_swap(
+                images[rows].float(), landmarks[rows].to(device), donor_images[pick].to(device),
+                donor_landmarks[pick].to(device), self.cfg,
+            )  # fmt: skip
+            if images.dtype == torch.uint8:
+                result = result.round().clamp(0, 255).to(torch.uint8)
+            out_images[rows] = result.to(images.dtype)
+            out_landmarks[rows] = result_lm
+        return SwapResult(out_images, out_landmarks, swapped, donor_index)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-sample NumPy/SciPy reference (tests and benchmark only): the classic OpenCV-style recipe, one face at a
+# time, with exact convex hulls (scipy.spatial.ConvexHull) and scipy.ndimage warping/blurring.
+
+
+def _umeyama_np(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    a, b = src - mu_s, dst - mu_d
+    u, sv, vh = np.linalg.svd(b.T @ a / len(src))
+    sign = np.array([1.0, 1.0 if np.linalg.det(u @ vh) >= 0 else -1.0])
+    rot = u @ np.diag(sign) @ vh
+    scale = (sv * sign).sum() / (a * a).sum(1).mean()
+    mat = scale * rot
+    return mat, mu_d - mat @ mu_s
+
+
+def _hull_distance_np(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Signed distance to the exact convex hull: < 0 inside (max over edge half-planes)."""
+    from scipy.spatial import ConvexHull
+
+    hull = points[ConvexHull(points).vertices]  # counter-clockwise
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    dist = np.full((height, width), -np.inf)
+    for a, b in zip(hull, np.roll(hull, -1, axis=0)):
+        edge = b - a
+        normal = np.array([edge[1], -edge[0]]) / np.linalg.norm(edge)  # outward for a CCW polygon
+        dist = np.maximum(dist, (xs - a[0]) * normal[0] + (ys - a[1]) * normal[1])
+    return dist
+
+
+def face_swap_reference(
+    source: np.ndarray,
+    source_landmarks: np.ndarray,
+    donor: np.ndarray,
+    donor_landmarks: np.ndarray,
+    cfg: FaceSwapConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One face: HxWx3 float arrays (0..255) -> (swapped image, its landmarks, soft mask)."""
+    from scipy import ndimage
+
+    height, width = donor.shape[:2]
+    idx = list(ALIGN_POINTS)
+    mat, t = _umeyama_np(source_landmarks[idx].astype(np.float64), donor_landmarks[idx].astype(np.float64))
+    out_landmarks = source_landmarks @ mat.T + t
+    inv = np.linalg.inv(mat)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    sx = inv[0, 0] * (xs - t[0]) + inv[0, 1] * (ys - t[1])
+    sy = inv[1, 0] * (xs - t[0]) + inv[1, 1] * (ys - t[1])
+    warped = np.stack(
+        [ndimage.map_coordinates(source[..., c], [sy, sx], order=1, mode="nearest") for c in range(3)], -1
+    )
+    iod = np.linalg.norm(donor_landmarks[list(LEFT_EYE)].mean(0) - donor_landmarks[list(RIGHT_EYE)].mean(0))
+    dist = np.full((height, width), np.inf)
+    for pts in (out_landmarks, donor_landmarks):
+        for group in HULL_GROUPS:
+            dist = np.minimum(dist, _hull_distance_np(pts[list(group)], height, width))
+    mask = np.clip(0.5 - dist / max(cfg.feather_fraction * iod, 1e-3), 0, 1)[..., None]
+    k = math.floor(cfg.blur_fraction * iod / 2) * 2 + 1
+    sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
+    radius = int(math.ceil(3 * sigma))
+
+    def blur(img: np.ndarray) -> np.ndarray:
+        # mode="mirror" is torch's "reflect"; truncate so the kernel radius is exactly `radius`.
+        return np.stack(
+            [
+                ndimage.gaussian_filter(img[..., c], sigma, mode="mirror", truncate=radius / sigma)
+                for c in range(3)
+            ],
+            -1,
+        )
+
+    blur_donor, blur_warped = blur(donor), blur(warped)
+    blur_warped = blur_warped + 128.0 * (blur_warped <= 1.0)
+    corrected = np.clip(warped * blur_donor / blur_warped, 0, 255)
+    return donor * (1 - mask) + corrected * mask, out_landmarks, mask[..., 0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Toy faces with iBUG-ordered landmarks, for tests and benchmarks when SynthFace is not available.
+
+
+def _template_landmarks() -> np.ndarray:
+    """A frontal 68-point face in a unit box (x, y in 0..1), iBUG order."""
+
+    def arc(cx, cy, rx, ry, a0, a1, n):
+        a = np.linspace(a0, a1, n)
+        return np.stack([cx + rx * np.cos(a), cy + ry * np.sin(a)], 1)
+
+    jaw = arc(0.5, 0.45, 0.38, 0.45, math.pi, 0, 17)[:, [0, 1]] * [1, 1]
+    jaw[:, 1] = 0.45 + np.abs(jaw[:, 1] - 0.45)  # lower half of the ellipse, left to right
+    brow_r = arc(0.32, 0.36, 0.11, 0.05, math.pi, 2 * math.pi, 5)
+    brow_l = arc(0.68, 0.36, 0.11, 0.05, math.pi, 2 * math.pi, 5)
+    nose_bridge = np.stack([np.full(4, 0.5), np.linspace(0.4, 0.58, 4)], 1)
+    nose_base = np.stack([np.linspace(0.43, 0.57, 5), 0.62 - 0.02 * np.cos(np.linspace(-1.2, 1.2, 5))], 1)
+    eye_r = arc(0.33, 0.43, 0.06, 0.025, math.pi, 3 * math.pi, 7)[:6]
+    eye_l = arc(0.67, 0.43, 0.06, 0.025, math.pi, 3 * math.pi, 7)[:6]
+    mouth_out = arc(0.5, 0.74, 0.14, 0.06, math.pi, 3 * math.pi, 13)[:12]
+    mouth_in = arc(0.5, 0.74, 0.09, 0.03, math.pi, 3 * math.pi, 9)[:8]
+    pts = np.concatenate([jaw, brow_r, brow_l, nose_bridge, nose_base, eye_r, eye_l, mouth_out, mouth_in])
+    assert pts.shape == (68, 2)
+    return pts
+
+
+def toy_faces(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 (n,3,size,size), landmarks (n,68,2)): random skin/background/feature colours, pose and mouth."""
+    g = generator
+    tmpl = torch.tensor(_template_landmarks(), dtype=torch.float32)
+    r = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    pts = tmpl[None].repeat(n, 1, 1)
+    open_mouth = 1 + 1.5 * r(n)  # expression: mouth opening
+    mouth = pts[:, 48:68]
+    pts[:, 48:68, 1] = 0.74 + (mouth[..., 1] - 0.74) * open_mouth[:, None]
+    angle = (r(n) - 0.5) * 0.4
+    scale = size * (0.75 + 0.15 * r(n))
+    shift = size * (0.5 + (r(n, 2) - 0.5) * 0.1)
+    rot = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], 1).view(
+        n, 2, 2
+    )
+    pts = torch.einsum("nij,nkj->nki", rot, pts - 0.5) * scale[:, None, None] + shift[:, None]
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    img = (r(n, 3, 1, 1) * 255).expand(n, 3, size, size).clone()
+
+    def paint(group, colour, grow=1.0):
+        dist = hull_signed_distance(pts[:, list(group)], size, size)
+        inside = (dist <= grow)[:, None]
+        return torch.where(inside, colour, img)
+
+    skin = (torch.tensor([200.0, 150.0, 120.0]) * (0.5 + 0.6 * r(n, 1))).clamp(0, 255)[..., None, None]
+    img = paint(range(0, 27), skin, grow=2.0)
+    img = paint(range(27, 36), (skin * 0.8), grow=1.5)
+    for eye in (RIGHT_EYE, LEFT_EYE):
+        img = paint(eye, torch.full((n, 3, 1, 1), 250.0))
+        centre = pts[:, list(eye)].mean(1)
+        pupil = ((xs - centre[:, 0, None, None]) ** 2 + (ys - centre[:, 1, None, None]) ** 2) < (
+            size / 60
+        ) ** 2
+        img = torch.where(pupil[:, None], (r(n, 3, 1, 1) * 120), img)
+    img = paint(BROWS[:5], skin * 0.3)
+    img = paint(BROWS[5:], skin * 0.3)
+    img = paint(range(48, 60), torch.tensor([170.0, 40.0, 50.0]).view(1, 3, 1, 1).expand(n, 3, 1, 1))
+    img = paint(range(60, 68), torch.full((n, 3, 1, 1), 30.0))
+    img = img + (r(n, 1, size, size) - 0.5) * 10  # a little texture
+    return img.round().clamp(0, 255).to(torch.uint8), pts

@@ -1,0 +1,233 @@
+"""InfoNCE with MaskFN (Shu et al., BMVC 2022), single-process and over the all-gathered global batch.
+
+Notation: ``z`` holds N embeddings (rows), ``positive_index[i]`` is the row of i's positive, every other row
+``k != i, positive_index[i]`` is a negative of i. ``s_ik`` is the cosine similarity of rows i and k.
+
+* plain (``fn_mode="none"`` or no descriptors): ``L_i = -log softmax([s_ij, s_ik...] / tau)[0]``;
+  the loss is the mean of ``L_i`` over the selected rows.
+* MaskFN ``pick``: ``l(i)`` = the negative whose descriptor is most cosine-similar to i's descriptor (a likely
+  false negative: same expression). ``L1_i`` = CE over ``[s_ij, negatives without l]``, ``L2_i`` = CE over
+  ``[s_il, the same negatives]``; loss = mean L1 + fn_lambda * mean L2.
+* MaskFN ``threshold``: negatives with descriptor cosine > fn_threshold are dropped, except same-group (same
+  clip, i.e. same identity) hard negatives, which are kept; loss = mean L1 over what remains.
+
+``row_indices`` restricts the anchors to some rows while the columns stay the whole batch: that is how each rank
+computes only its own rows of the global similarity matrix (memory O(n x W*n) instead of O((W*n)^2)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain import distributed
+
+FnMode = Literal["none", "pick", "threshold"]
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.07
+    fn_mode: FnMode = "pick"  # MaskFN variant; used only when descriptors are passed
+    fn_lambda: float = 0.8  # weight of L2 (the picked false negative treated as a positive)
+    fn_threshold: float = 0.5  # descriptor cosine above which a negative is dropped (threshold mode)
+    gather: bool = True  # negatives from the all-gathered global batch (False: this rank's rows only)
+
+    def validate(self) -> None:
+        from launch.configio import ConfigError
+
+        if not self.temperature > 0:
+            raise ConfigError(f"config key 'loss.temperature': must be > 0, got {self.temperature}")
+        if self.fn_mode not in ("none", "pick", "threshold"):
+            raise ConfigError(
+                f"config key 'loss.fn_mode': must be none, pick or threshold, got {self.fn_mode!r}"
+            )
+        if self.fn_lambda < 0:
+            raise ConfigError(f"config key 'loss.fn_lambda': must be >= 0, got {self.fn_lambda}")
+        if not -1.0 <= self.fn_threshold <= 1.0:
+            raise ConfigError(
+                f"config key 'loss.fn_threshold': a cosine in [-1, 1] is needed, got {self.fn_threshold}"
+            )
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    l1: torch.Tensor  # mean L1 (detached)
+    l2: torch.Tensor  # mean L2 (detached; 0 without pick mode)
+    pick_index: torch.Tensor | None  # (R,) column picked as false negative per row (pick mode)
+    pick_same_group_rate: torch.Tensor | None  # share of picks that are same-clip hard negatives
+    positive_top1: torch.Tensor  # share of rows whose positive beats every negative (detached)
+    negatives_per_row: torch.Tensor  # mean number of negatives in the L1 denominator (detached)
+    rows: int  # number of anchor rows R
+
+
+_NEG_INF = float("-inf")
+
+
+def _check_inputs(z: torch.Tensor, positive_index: torch.Tensor) -> None:
+    if z.dim() != 2:
+        raise ValueError(f"z must be (N, D), got shape {tuple(z.shape)}")
+    n = z.shape[0]
+    if positive_index.shape != (n,):
+        raise ValueError(f"positive_index must be ({n},), got {tuple(positive_index.shape)}")
+    if n and (positive_index.min() < 0 or positive_index.max() >= n):
+        raise ValueError("positive_index holds rows outside [0, N)")
+    if bool((positive_index == torch.arange(n, device=positive_index.device)).any()):
+        raise ValueError("a row is its own positive: positive_index[i] must differ from i")
+
+
+def info_nce(
+    z: torch.Tensor,
+    positive_index: torch.Tensor,
+    temperature: float,
+    fn_descriptors: torch.Tensor | None = None,
+    fn_lambda: float = 0.8,
+    fn_mode: FnMode = "pick",
+    fn_threshold: float = 0.5,
+    group_id: torch.Tensor | None = None,
+    row_indices: torch.Tensor | None = None,
+) -> LossOutput:
+    """InfoNCE over rows ``row_indices`` (default all) of ``z`` (N, D, unnormalised) against all N columns."""
+    _check_inputs(z, positive_index)
+    n = z.shape[0]
+    device = z.device
+    positive_index = positive_index.to(device=device, dtype=torch.long)
+    rows = torch.arange(n, device=device) if row_indices is None else row_indices.to(device, torch.long)
+    zn = F.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)  # low precision -> fp32
+    logits = zn[rows] @ zn.T / temperature  # (R, N)
+    r = rows.shape[0]
+    ar = torch.arange(r, device=device)
+    pos = positive_index[rows]
+    negative = torch.ones(r, n, dtype=torch.bool, device=device)
+    negative[ar, rows] = False
+    negative[ar, pos] = False
+
+    use_fn = fn_descriptors is not None and fn_mode != "none"
+    groups = group_id.to(device) if group_id is not None else None
+    pick = same_group_rate = None
+    l2_rows = None
+    if use_fn:
+        if fn_descriptors.shape[0] != n:
+            raise ValueError(f"fn_descriptors must have {n} rows, got {fn_descriptors.shape[0]}")
+        dn = F.normalize(fn_descriptors.detach().float().to(device), dim=1)
+        dsim = dn[rows] @ dn.T  # (R, N) descriptor cosines: no gradient, they only choose columns
+        if fn_mode == "pick":
+            if n < 3:
+                raise ValueError("MaskFN pick needs at least one negative per row (N >= 3)")
+            pick = dsim.masked_fill(~negative, _NEG_INF).argmax(dim=1)
+            negative[ar, pick] = False
+            if groups is not None:
+                same_group_rate = (groups[pick] == groups[rows]).float().mean()
+        elif fn_mode == "threshold":
+            drop = negative & (dsim > fn_threshold)
+            if groups is not None:
+                drop &= groups[None, :] != groups[rows][:, None]  # same-clip hard negatives stay
+            negative &= ~drop
+        else:
+            raise ValueError(f"fn_mode must be none, pick or threshold, got {fn_mode!r}")
+
+    pos_logit = logits[ar, pos]
+    keep1 = negative.clone()
+    keep1[ar, pos] = True  # the positive is in its own denominator, so no row is ever empty
+    l1_rows = torch.logsumexp(logits.masked_fill(~keep1, _NEG_INF), dim=1) - pos_logit
+    loss = l1_rows.mean()
+    if pick is not None:
+        keep2 = negative.clone()
+        keep2[ar, pick] = True
+        pick_logit = logits[ar, pick]
+        l2_rows = torch.logsumexp(logits.masked_fill(~keep2, _NEG_INF), dim=1) - pick_logit
+        loss = loss + fn_lambda * l2_rows.mean()
+
+    with torch.no_grad():
+        best_negative = logits.masked_fill(~negative, _NEG_INF).max(dim=1).values
+        top1 = (pos_logit > best_negative).float().mean()
+        zero = torch.zeros((), device=device)
+        return LossOutput(
+            loss=loss,
+            l1=l1_rows.detach().mean(),
+            l2=l2_rows.detach().mean() if l2_rows is not None else zero,
+            pick_index=pick,
+            pick_same_group_rate=same_group_rate,
+            positive_top1=top1,
+            negatives_per_row=negative.sum(dim=1).float().mean(),
+            rows=r,
+        )
+
+
+class DistributedInfoNCE(nn.Module):
+    """InfoNCE/MaskFN with negatives from the global batch; each rank computes only its own rows.
+
+    Inputs are this rank's block: ``z_local`` (n, D), ``positive_index_local`` and ``group_id_local`` (n,) in
+    LOCAL row numbers. Embeddings are all-gathered WITH gradient; positives are shifted to global rows
+    (``rank * n + local``); group ids become ``group * world + rank`` so equal local ids of different ranks
+    stay different groups (ids must be >= 0). The returned loss is the mean over this rank's n rows: averaged
+    over ranks by the data-parallel engine, it and its gradient equal those of the single-process loss on the
+    concatenated batch (the gather's backward adds the other ranks' contributions to our rows).
+    Every rank must pass the same n.
+    """
+
+    def __init__(self, cfg: LossConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or LossConfig()
+
+    def forward(
+        self,
+        z_local: torch.Tensor,
+        positive_index_local: torch.Tensor,
+        group_id_local: torch.Tensor | None = None,
+        descriptors_local: torch.Tensor | None = None,
+    ) -> LossOutput:
+        cfg = self.cfg
+        n = z_local.shape[0]
+        world = distributed.get_world_size() if cfg.gather else 1
+        rank = distributed.get_rank() if cfg.gather else 0
+        positive_index_local = positive_index_local.to(z_local.device, torch.long)
+        if world > 1:
+            z = distributed.all_gather_with_grad(z_local)
+            positives = distributed.all_gather_no_grad(positive_index_local + rank * n)
+            groups = None
+            if group_id_local is not None:
+                groups = distributed.all_gather_no_grad(
+                    group_id_local.to(z_local.device).long() * world + rank
+                )
+            descriptors = None
+            if descriptors_local is not None:
+                descriptors = distributed.all_gather_no_grad(descriptors_local.to(z_local.device))
+        else:
+            z, positives, groups, descriptors = (
+                z_local,
+                positive_index_local,
+                group_id_local,
+                descriptors_local,
+            )
+        rows = torch.arange(rank * n, (rank + 1) * n, device=z_local.device)
+        return info_nce(
+            z,
+            positives,
+            cfg.temperature,
+            fn_descriptors=descriptors,
+            fn_lambda=cfg.fn_lambda,
+            fn_mode=cfg.fn_mode,
+            fn_threshold=cfg.fn_threshold,
+            group_id=groups,
+            row_indices=rows,
+        )
+
+
+def batch_layout(num_clips: int, layout: Literal["simclr", "sslfer"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive_index, group_id) for ``[A, P]`` (simclr, 2B rows) or ``[A, NA, P, NP]`` (sslfer, 4B rows)."""
+    b = num_clips
+    clip = torch.arange(b)
+    if layout == "simclr":
+        positive = torch.cat([clip + b, clip])
+        return positive, torch.cat([clip, clip])
+    if layout == "sslfer":
+        # A <-> P and NA <-> NP; rows of one clip form a group of same-identity hard negatives.
+        positive = torch.cat([clip + 2 * b, clip + 3 * b, clip, clip + b])
+        return positive, clip.repeat(4)
+    raise ValueError(f"layout must be simclr or sslfer, got {layout!r}")

@@ -1,0 +1,420 @@
+"""Clip stream: shard list -> per-epoch shuffled, rank/worker-split, equal-length, resumable samples.
+
+Per epoch ``e``:
+
+1. **Shard order.** All shards are permuted with a generator seeded by ``(seed, e)`` -- the same on every
+   rank -- BEFORE splitting, so each epoch gives each rank different shards.
+2. **Split.** Rank ``r`` takes ``order[r::world_size]``, its worker ``w`` takes ``rank_shards[w::num_workers]``.
+   One (rank, worker) pair is a *lane*; lanes hold disjoint shards.
+3. **Equal length.** Every lane yields exactly the same number of samples, ``quota`` (from the manifest's
+   per-shard counts, so all ranks agree without talking): ``equalize="drop"`` uses the smallest lane's count
+   (bigger lanes stop early; what they drop changes every epoch with the shard order), ``"repeat"`` uses the
+   largest (smaller lanes wrap around to the start of their own shards). So every rank runs the same number of
+   steps and collectives never hang. ``resampled=True`` instead draws each lane's shards with replacement
+   (seeded by ``(seed, e, rank, worker)``) until ``total_samples // lanes`` samples.
+4. **Shuffle buffer.** A buffer of ``shuffle_buffer`` samples per lane, seeded by ``(seed, e, rank, worker)``:
+   once full, each incoming sample replaces a uniformly chosen one, which is emitted; at the end of the lane
+   the rest is emitted in random order.
+
+**Resume.** The buffer's choices depend only on the seed and on counts, never on sample contents, so the whole
+emission order of a lane is a pure function of ``(seed, epoch, rank, worker, manifest counts)``. The state is
+therefore tiny: the epoch and the number of samples each worker lane has emitted (``consumed``). A resumed
+stream replays the key schedule (no I/O), re-reads only the shards that still had samples in the buffer
+(usually one or two) and continues with the very next sample: no repeats and no drops. This is exact as long
+as the shards hold the sample counts their manifest says (``python -m data_shards verify``); a shard that yields
+fewer samples is completed with repeats of its own samples (counted as ``short_shard_repeats``) so that all
+lanes keep the same length. The state does not depend on the rank (all ranks consume in lockstep), so one copy
+saved by rank 0 resumes every rank, but a different ``world_size`` or ``num_workers`` changes the lanes and is
+refused (:class:`StreamStateError`), unless loaded with ``allow_restart_epoch=True``, which starts the next
+epoch afresh (the unseen rest of the interrupted epoch is skipped, at most one epoch of samples).
+
+**Workers.** Used in-process (no DataLoader workers) the stream interleaves its worker lanes round-robin and
+tracks ``consumed`` itself. Under a ``torch.utils.data.DataLoader`` each worker process serves its own lane;
+every sample carries ``__epoch__``, ``__worker__`` and ``__seq__`` (its index in the lane), so the trainer
+can record ``consumed[w] = last __seq__ + 1`` and build the state with :meth:`ClipStream.make_state`. Call
+:meth:`ClipStream.set_epoch` before each epoch, as with a ``DistributedSampler``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any, Literal
+
+import numpy as np
+import torch.utils.data
+
+Sample = dict[str, Any]
+ShardReader = Callable[[str], Iterator[Sample]]
+Key = tuple[int, int]  # (position in the lane's shard plan, sample index within that shard)
+
+STATE_VERSION = 1
+# Stream tags for the seed sequence, so shard order, buffer and resampling never share random numbers.
+_SHARD_ORDER, _BUFFER, _RESAMPLE = 101, 102, 103
+_DRAW_BLOCK = 1024
+
+
+class StreamError(RuntimeError):
+    """The dataset cannot be streamed as configured (message names the setting or file and the fix)."""
+
+
+class StreamStateError(StreamError):
+    """A saved stream state does not match this stream (world size, workers, seed, dataset)."""
+
+
+@dataclass
+class StreamConfig:
+    url: str = ""  # dataset folder or s3:// prefix holding manifest.json, or brace-expanded shard URLs
+    shuffle_buffer: int = 256  # samples per worker lane; 1 disables shuffling inside shards
+    seed: int = 0
+    resampled: bool = False  # draw shards with replacement (ranks may overlap)
+    equalize: Literal["drop", "repeat"] = "drop"  # how lanes with more/fewer samples are made equal
+
+    def validate(self) -> None:
+        from launch.configio import ConfigError
+
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"config key 'data.shuffle_buffer': must be >= 1, got {self.shuffle_buffer}")
+        if self.seed < 0:
+            raise ConfigError(f"config key 'data.seed': must be >= 0, got {self.seed}")
+        if self.equalize not in ("drop", "repeat"):
+            raise ConfigError(f"config key 'data.equalize': must be drop or repeat, got {self.equalize!r}")
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(parts))))
+
+
+class _KeySchedule:
+    """The shuffle buffer run over sample keys only; iterating yields the lane's keys in emission order.
+
+    ``consumed_inputs`` (keys read so far) and ``pending`` (read, not yet emitted) describe the buffer at any
+    point, which is all a resumed reader needs.
+    """
+
+    def __init__(self, plan_counts: list[int], quota: int, buffer_size: int, rng: np.random.Generator):
+        self.cum = list(accumulate(plan_counts))
+        self.plan_len = len(plan_counts)
+        self.quota = quota
+        self.size = buffer_size
+        self.rng = rng
+        self.consumed_inputs = 0
+        self.pending: list[Key] = []
+
+    def input_key(self, n: int) -> Key:
+        """Key of the n-th input, wrapping around the plan (``repeat`` and short plans)."""
+        total = self.cum[-1]
+        cycle, rest = divmod(n, total)
+        j = bisect.bisect_right(self.cum, rest)
+        return cycle * self.plan_len + j, rest - (self.cum[j - 1] if j else 0)
+
+    def __iter__(self) -> Iterator[Key]:
+        draws: np.ndarray = np.empty(0, dtype=np.int64)
+        d = 0
+        while self.consumed_inputs < self.quota:
+            key = self.input_key(self.consumed_inputs)
+            self.consumed_inputs += 1
+            if len(self.pending) < self.size:
+                self.pending.append(key)
+                continue
+            if d == len(draws):
+                draws, d = self.rng.integers(0, self.size, size=_DRAW_BLOCK), 0
+            slot = int(draws[d])
+            d += 1
+            out, self.pending[slot] = self.pending[slot], key
+            yield out
+        # drain: random order; kept reversed so pop() is cheap and `pending` stays exact
+        order = self.rng.permutation(len(self.pending))
+        self.pending = [self.pending[i] for i in order[::-1]]
+        while self.pending:
+            yield self.pending.pop()
+
+
+class _LaneReader:
+    """Materialises keys: reads the lane's shards in plan order, keeping read-but-unemitted samples."""
+
+    def __init__(self, urls: list[str], counts: list[int], read_shard: ShardReader, counters: Counter):
+        self.urls, self.counts = urls, counts  # both indexed by plan position modulo the plan length
+        super().__init__()
+        self.read_shard = read_shard
+        self.counters = counters
+        self.cache: dict[Key, Sample] = {}
+        self._seq: Iterator[tuple[Key, Sample]] | None = None
+
+    def _shard(self, j: int, start: int) -> Iterator[tuple[int, Sample]]:
+        """(index, sample) for indices start..count-1 of plan position j; short shards repeat themselves."""
+        url = self.urls[j % len(self.urls)]
+        expected = self.counts[j % len(self.counts)]
+        it = iter(self.read_shard(url))
+        idx = got_since_open = 0
+        reopened = False
+        while idx < expected:
+            try:
+                sample = next(it)
+            except StopIteration:
+                if got_since_open == 0:
+                    raise StreamError(
+                        f"shard '{url}' yielded no samples but its manifest lists {expected}: "
+                        "check it with `python -m data_shards verify` and rewrite or remove it"
+                    ) from None
+                if not reopened:  # count the shortfall once; index i then maps to sample i mod actual
+                    self.counters["short_shard_repeats"] += expected - idx
+                    reopened = True
+                it, got_since_open = iter(self.read_shard(url)), 0
+                continue
+            got_since_open += 1
+            if idx >= start:
+                yield idx, sample
+            idx += 1
+
+    def _sequential(self, j: int, i: int) -> Iterator[tuple[Key, Sample]]:
+        while True:
+            for idx, sample in self._shard(j, i):
+                yield (j, idx), sample
+            j, i = j + 1, 0
+
+    def start(self, next_input: Key, resident: list[Key]) -> None:
+        """Position the reader at ``next_input`` after re-reading the samples still in the buffer."""
+        self.cache.clear()
+        by_shard: dict[int, set[int]] = {}
+        for j, i in resident:
+            by_shard.setdefault(j, set()).add(i)
+        for j, wanted in sorted(by_shard.items()):
+            last = max(wanted)
+            for idx, sample in self._shard(j, min(wanted)):
+                if idx in wanted:
+                    self.cache[(j, idx)] = sample
+                if idx >= last:
+                    break
+        self._seq = self._sequential(*next_input)
+
+    def get(self, key: Key) -> Sample:
+        while key not in self.cache:
+            k, sample = next(self._seq)
+            self.cache[k] = sample
+        return self.cache.pop(key)
+
+
+class ClipStream(torch.utils.data.IterableDataset):
+    """Iterable of clip samples for one rank; see the module docstring for the policies.
+
+    ``shard_urls``/``sample_counts``: every shard of the dataset (the same list on every rank) and its sample
+    count from the manifest. ``read_shard(url)`` yields sample dicts in a fixed order
+    (default ``data_shards.read.iter_samples``).
+    """
+
+    def __init__(
+        self,
+        shard_urls: list[str],
+        sample_counts: list[int],
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        equalize: Literal["drop", "repeat"] = "drop",
+        resampled: bool = False,
+        read_shard: ShardReader | None = None,
+    ):
+        if len(shard_urls) != len(sample_counts):
+            raise ValueError("shard_urls and sample_counts must have the same length")
+        if not shard_urls:
+            raise StreamError("the dataset has no shards: check data.url (it must hold manifest.json)")
+        if not 0 <= rank < world_size or num_workers < 1:
+            raise ValueError(f"bad rank/world_size/num_workers: {rank}/{world_size}/{num_workers}")
+        lanes = world_size * num_workers
+        if not resampled and len(shard_urls) < lanes:
+            raise StreamError(
+                f"{len(shard_urls)} shards cannot be split over {world_size} ranks x {num_workers} workers: "
+                f"write at least {lanes} shards (smaller shards), use fewer loader workers, or set "
+                "data.resampled=true"
+            )
+        if sum(sample_counts) == 0:
+            raise StreamError("the dataset's manifest lists 0 samples: nothing to stream")
+        self.shard_urls = list(shard_urls)
+        self.sample_counts = [int(c) for c in sample_counts]
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.seed, self.shuffle_buffer = seed, max(1, shuffle_buffer)
+        self.equalize, self.resampled = equalize, resampled
+        super().__init__()
+        self.read_shard = read_shard
+        self.counters: Counter[str] = Counter()
+        self.epoch = 0
+        self.consumed = [0] * num_workers
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: StreamConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 1,
+        read_shard: ShardReader | None = None,
+        read_manifest: Callable[[str], dict] | None = None,
+    ) -> ClipStream:
+        urls, counts = resolve_shards(cfg.url, read_manifest, read_shard)
+        return cls(
+            urls, counts, rank, world_size, num_workers, cfg.seed, cfg.shuffle_buffer, cfg.equalize,
+            cfg.resampled, read_shard,
+        )  # fmt: skip
+
+    # ---- the per-epoch plan (pure functions of seed, epoch, rank, worker) ----
+    def _lane_shards(self, epoch: int, rank: int, worker: int) -> list[int]:
+        order = _rng(self.seed, epoch, _SHARD_ORDER).permutation(len(self.shard_urls))
+        return [int(s) for s in order[rank :: self.world_size][worker :: self.num_workers]]
+
+    def epoch_length(self, epoch: int | None = None) -> int:
+        """Samples per worker lane in ``epoch`` (the same on every rank); a rank yields this x num_workers."""
+        epoch = self.epoch if epoch is None else epoch
+        lanes = self.world_size * self.num_workers
+        if self.resampled:
+            return max(1, sum(self.sample_counts) // lanes)
+        sizes = [
+            sum(self.sample_counts[s] for s in self._lane_shards(epoch, r, w))
+            for r in range(self.world_size)
+            for w in range(self.num_workers)
+        ]
+        return min(sizes) if self.equalize == "drop" else max(sizes)
+
+    def _plan(self, epoch: int, worker: int, quota: int) -> list[int]:
+        if not self.resampled:
+            plan = self._lane_shards(epoch, self.rank, worker)
+            if sum(self.sample_counts[s] for s in plan) == 0:
+                raise StreamError(f"rank {self.rank} worker {worker} got only empty shards in epoch {epoch}")
+            return plan
+        rng = _rng(self.seed, epoch, self.rank, worker, _RESAMPLE)
+        plan: list[int] = []
+        total = 0
+        while total < quota or total == 0:
+            s = int(rng.integers(len(self.shard_urls)))
+            plan.append(s)
+            total += self.sample_counts[s]
+        return plan
+
+    def _iter_lane(self, epoch: int, worker: int, skip: int) -> Iterator[Sample]:
+        quota = self.epoch_length(epoch)
+        plan = self._plan(epoch, worker, quota)
+        counts = [self.sample_counts[s] for s in plan]
+        schedule = _KeySchedule(
+            counts, quota, self.shuffle_buffer, _rng(self.seed, epoch, self.rank, worker, _BUFFER)
+        )
+        keys = iter(schedule)
+        for _ in range(skip):  # replay the buffer's decisions without reading anything
+            next(keys)
+        reader = _LaneReader([self.shard_urls[s] for s in plan], counts, self._reader(), self.counters)
+        reader.start(schedule.input_key(schedule.consumed_inputs), list(schedule.pending))
+        for seq, key in enumerate(keys, start=skip):
+            sample = dict(reader.get(key))
+            sample.update(__epoch__=epoch, __worker__=worker, __seq__=seq)
+            yield sample
+
+    def _reader(self) -> ShardReader:
+        if self.read_shard is None:
+            from data_shards.read import iter_samples  # lazy: keeps this module importable alone
+
+            self.read_shard = iter_samples
+        return self.read_shard
+
+    # ---- iteration ----
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to stream next; progress is kept only when it is the current epoch."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.consumed = [0] * self.num_workers
+
+    def __iter__(self) -> Iterator[Sample]:
+        """The rest of the current epoch; afterwards the stream moves to the next epoch."""
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.num_workers != self.num_workers:
+            raise StreamError(
+                f"the stream was built for {self.num_workers} loader workers but the DataLoader has "
+                f"{info.num_workers}: pass the same num_workers to both"
+            )
+        # in-process: the lane that is behind goes first, so a resumed round-robin continues in order
+        workers = (
+            [info.id] if info is not None else sorted(range(self.num_workers), key=lambda w: self.consumed[w])
+        )
+        epoch = self.epoch
+        lanes = [(w, self._iter_lane(epoch, w, self.consumed[w])) for w in workers]
+        while lanes:  # round-robin, like a DataLoader taking one item per worker in turn
+            alive = []
+            for w, lane in lanes:
+                sample = next(lane, None)
+                if sample is None:
+                    continue
+                self.consumed[w] += 1
+                alive.append((w, lane))
+                yield sample
+            lanes = alive
+        self.epoch, self.consumed = epoch + 1, [0] * self.num_workers
+
+    # ---- state ----
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "seed": self.seed,
+            "num_shards": len(self.shard_urls),
+            "num_samples": sum(self.sample_counts),
+            "shuffle_buffer": self.shuffle_buffer,
+            "equalize": self.equalize,
+            "resampled": self.resampled,
+        }
+
+    def make_state(self, epoch: int, consumed: list[int]) -> dict[str, Any]:
+        """A state for ``epoch`` with ``consumed[w]`` samples taken from worker lane w (DataLoader use)."""
+        return {"version": STATE_VERSION, "epoch": epoch, "consumed": list(consumed), **self._identity()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.make_state(self.epoch, self.consumed)
+
+    def load_state_dict(self, state: dict[str, Any], allow_restart_epoch: bool = False) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise StreamStateError(f"stream state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine = self._identity()
+        diffs = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in mine.items() if state.get(k) != v]
+        if diffs:
+            if allow_restart_epoch:
+                self.epoch, self.consumed = int(state["epoch"]) + 1, [0] * self.num_workers
+                return
+            raise StreamStateError(
+                "the saved data-stream position does not fit this run ("
+                + "; ".join(diffs)
+                + "). Resume with "
+                "the same world size, loader workers, seed and dataset, or allow restarting at the next epoch "
+                "(skips the rest of the interrupted epoch)"
+            )
+        self.epoch = int(state["epoch"])
+        self.consumed = [int(c) for c in state["consumed"]]
+
+
+def resolve_shards(
+    url: str,
+    read_manifest: Callable[[str], dict] | None = None,
+    read_shard: ShardReader | None = None,
+) -> tuple[list[str], list[int]]:
+    """Shard URLs and sample counts for ``url``: a dataset with manifest.json, or brace-expanded shard URLs.
+
+    Without a manifest every shard is read once to count its samples (slow for big data: prefer a manifest).
+    """
+    if not url:
+        raise StreamError(
+            "data.url is empty: give the dataset folder or s3:// prefix that holds manifest.json"
+        )
+    if "{" in url:
+        import braceexpand
+
+        urls = list(braceexpand.braceexpand(url))
+        if read_shard is None:
+            from data_shards.read import iter_samples as read_shard
+        return urls, [sum(1 for _ in read_shard(u)) for u in urls]
+    if read_manifest is None:
+        from data_shards.read import read_manifest
+    from data_shards.store import join
+
+    manifest = read_manifest(url)
+    shards = manifest["shards"]
+    return [join(url, s["name"]) for s in shards], [int(s["samples"]) for s in shards]

@@ -1,0 +1,81 @@
+"""Worker for tests/test_loss_distributed.py, started by torchrun: one rank of the distributed loss check.
+
+Every rank builds the same tiny linear model and the same global batch (same seeds), keeps its own block,
+computes DistributedInfoNCE, backpropagates and averages parameter gradients over ranks (as DeepSpeed does).
+Each rank then recomputes the single-process loss on the concatenated batch and writes the differences to
+``OUT_DIR/rank{r}.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from pretrain import distributed
+from pretrain.loss import DistributedInfoNCE, LossConfig, batch_layout, info_nce
+
+CASES = [  # (name, layout, clips per rank, fn_mode, with descriptors)
+    ("simclr", "simclr", 3, "none", False),
+    ("sslfer_pick", "sslfer", 2, "pick", True),
+    ("sslfer_threshold", "sslfer", 2, "threshold", True),
+]
+
+
+def run_case(layout: str, clips: int, fn_mode: str, with_desc: bool) -> dict:
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    torch.manual_seed(1234)
+    model = torch.nn.Linear(6, 5)
+    pos_local, grp_local = batch_layout(clips, layout)
+    n = pos_local.shape[0]
+    x_all = torch.randn(world * n, 6)
+    desc_all = torch.randn(world * n, 4) if with_desc else None
+    cfg = LossConfig(temperature=0.1, fn_mode=fn_mode, fn_threshold=0.2)
+
+    block = slice(rank * n, (rank + 1) * n)
+    out = DistributedInfoNCE(cfg)(
+        model(x_all[block]), pos_local, grp_local, desc_all[block] if with_desc else None
+    )
+    out.loss.backward()
+    grads = [distributed.all_reduce_mean(p.grad) for p in model.parameters()]
+    loss_mean = distributed.all_reduce_mean(out.loss.detach())
+
+    # Single-process reference on the concatenated batch (global row = rank * n + local row).
+    ref_model = torch.nn.Linear(6, 5)
+    ref_model.load_state_dict(model.state_dict())
+    positive = torch.cat([pos_local + r * n for r in range(world)])
+    groups = torch.cat([grp_local * world + r for r in range(world)])
+    ref = info_nce(
+        ref_model(x_all),
+        positive,
+        cfg.temperature,
+        desc_all,
+        cfg.fn_lambda,
+        cfg.fn_mode,
+        cfg.fn_threshold,
+        groups,
+    )
+    ref.loss.backward()
+    return {
+        "loss_diff": abs(loss_mean.item() - ref.loss.item()),
+        "loss": ref.loss.item(),
+        "grad_diff": max((g - p.grad).abs().max().item() for g, p in zip(grads, ref_model.parameters())),
+        "grad_norm": sum(p.grad.norm().item() for p in ref_model.parameters()),
+    }
+
+
+def main() -> int:
+    info = distributed.init_distributed("gloo")
+    assert info.world_size > 1, "start this with torchrun --nproc_per_node 2"
+    results = {name: run_case(*spec) for name, *spec in CASES}
+    with open(os.path.join(os.environ["OUT_DIR"], f"rank{info.rank}.json"), "w") as f:
+        json.dump({"world_size": info.world_size, "cases": results}, f)
+    distributed.barrier()
+    distributed.destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
