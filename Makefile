@@ -9,6 +9,9 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED := 1
+# One ninja for every process (the venv's): two ninjas hash the build command differently and rebuild
+# DeepSpeed's shm_comm op (75-120 s) whenever they alternate.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup demo test lint format bench
 

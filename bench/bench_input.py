@@ -12,27 +12,37 @@ family (anchors), half the second (positives). Paths:
 Then FaceSwap: the per-sample NumPy/SciPy recipe (``face_swap_reference``, the classic OpenCV-style loop) against
 the batched torch version on the same pairs.
 
-    python bench/bench_input.py [--frames 512] [--batch 64] [--threads 1 2]
+Then the **full pretraining input path** (``data.pipeline`` = torch | dali | torchvision, built by
+``pretrain.batches.make_batch_pipeline`` exactly as the engine builds it) on the same SynthFace clip shards written
+to a temp dir: ClipStream from the shards -> TimeAug/HardNeg frame choice -> decode -> FaceSwap of the positives ->
+two-family augmentation -> mouth-eye descriptors, ``[A, NA, P, NP]`` batches of ``--clips`` clips; images/s and
+ratios against the torchvision DataLoader baseline. Last, the same torch path with per-frame landmark detection
+(``data_shards.faces.FaceAligner``: dlib HOG + 68-point predictor on every decoded frame in the loader threads, as
+the original code did) against landmarks read from the shard JSON.
+
+    OMP_NUM_THREADS=1 python bench/bench_input.py [--frames 512] [--batch 64] [--threads 1 2] [--clips 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.augment import MASK_REGIONS, AugmentConfig, ViewAugmenter  # noqa: E402
+from pretrain.augment import AugmentConfig, ViewAugmenter  # noqa: E402
 from pretrain.decode import decode_jpegs  # noqa: E402
 from pretrain.faceswap import FaceSwapConfig, face_swap, face_swap_reference, toy_faces  # noqa: E402
 
@@ -128,41 +138,21 @@ def bench_torch(paths, landmarks, batch: int, threads: int, repeats: int) -> flo
 
 
 class TorchvisionFrames(torch.utils.data.Dataset):
-    """The plain baseline: one PIL image at a time through torchvision transforms."""
+    """The plain baseline: one PIL image at a time through the torchvision transforms of data.pipeline=torchvision."""
 
     def __init__(self, paths, landmarks, batch: int, cfg: AugmentConfig):
-        from torchvision import transforms as T
+        from pretrain.tv_pipeline import TorchvisionViews
 
         self.paths, self.landmarks, self.batch, self.cfg = paths, landmarks, batch, cfg
-        b, c, s, h = cfg.jitter
-        tail = [
-            T.RandomGrayscale(cfg.gray_p),
-            T.ToTensor(),
-            T.Normalize(cfg.mean, cfg.std),
-        ]
-        blur = T.RandomApply(
-            [T.GaussianBlur(2 * int(3 * cfg.blur_sigma[1]) + 1, cfg.blur_sigma)], p=cfg.blur_p
-        )
-        head = [T.Resize(cfg.resize), T.RandomCrop(cfg.crop), T.RandomHorizontalFlip(cfg.flip_p)]
-        self.first = T.Compose([*head, T.ColorJitter(b, c, s, h), blur, *tail])
-        self.second = T.Compose(
-            [*head, T.RandomApply([T.ColorJitter(b, c, s, h)], p=cfg.jitter_p), blur, *tail]
-        )
+        self.views = TorchvisionViews(cfg)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         image = Image.open(self.paths[i]).convert("RGB")
-        if np.random.rand() < self.cfg.mask_p:
-            pts = self.landmarks[i][list(MASK_REGIONS[np.random.randint(3)])]
-            lo, hi = pts.min(0), pts.max(0)
-            centre, half = (lo + hi) / 2, (hi - lo) / 2 * self.cfg.mask_scale
-            half[1] = max(half[1], half[0] * self.cfg.mask_min_aspect)
-            mean = tuple(int(v) for v in np.asarray(image).reshape(-1, 3).mean(0))
-            ImageDraw.Draw(image).ellipse([*(centre - half), *(centre + half)], fill=mean)
         first = (i % self.batch) < self.batch // 2
-        return (self.first if first else self.second)(image)
+        return self.views(image, self.landmarks[i], "first" if first else "second", np.random.default_rng())
 
 
 def bench_torchvision(paths, landmarks, batch: int, threads: int, repeats: int) -> float:
@@ -203,6 +193,84 @@ def bench_faceswap(pairs: int, threads: int, repeats: int) -> tuple[float, float
     return best_rate(per_sample, repeats), best_rate(batched, repeats)
 
 
+def make_shards(url: str, clips: int) -> str:
+    """SynthFace clips (128 px, ~8 s at 25/6 fps) as clip shards with manifest, written with ShardWriter."""
+    from data_shards.synth import SynthConfig, iter_clips
+    from data_shards.write import ShardWriter
+
+    cfg = SynthConfig(identities=max(2, clips // 2), clips_per_identity=2, seconds=8.0, size=128, seed=0)
+    frames = 0
+    with ShardWriter(url, kind="clips", split="pretrain", generator={"bench": True}, max_samples=4) as w:
+        for clip in iter_clips(cfg):
+            w.write_clip(clip)
+            frames += len(clip.frames)
+    print(
+        f"shards: {cfg.identities * cfg.clips_per_identity} SynthFace clips, {frames} frames of 128 px at {url}"
+    )
+    return url
+
+
+def _pipeline_cfg(url: str, kind: str, clips: int, threads: int):
+    from launch.configio import load_config
+    from pretrain.config import PretrainConfig
+
+    return load_config(
+        PretrainConfig,
+        None,
+        [f"data.url={url}", f"data.pipeline={kind}", f"data.batch_clips={clips}", f"data.num_workers={threads}",
+         "data.prefetch=4", "data.shuffle_buffer=16", "device=cpu", "data.equalize=repeat"],
+    )  # fmt: skip
+
+
+def bench_full(pipeline, batches: int) -> float:
+    """Images/s from the median time per batch over ``batches`` batches after one warm-up batch (the median
+    resists other load on a shared machine); pipelines cycle epochs as in training."""
+    it = iter(pipeline)
+    try:
+        next(it)
+        times, images = [], 0
+        for _ in range(batches):
+            start = time.perf_counter()
+            images = next(it).images.shape[0]
+            times.append(time.perf_counter() - start)
+        return images / float(np.median(times))
+    finally:
+        pipeline.close()
+
+
+class DetectingPipeline:
+    """Factory: the torch BatchPipeline whose loader threads detect landmarks on every decoded frame (dlib)."""
+
+    @staticmethod
+    def build(cfg):
+        from data_shards.faces import FaceAligner
+        from pretrain.batches import BatchPipeline
+
+        local = threading.local()
+        found = [0, 0]
+
+        class Detecting(BatchPipeline):
+            def prepare(self, group):
+                host = super().prepare(group)
+                aligner = getattr(local, "aligner", None)
+                if aligner is None:
+                    aligner = local.aligner = FaceAligner()  # one per thread (dlib is not thread-safe)
+                rows = [s["frames"][c[block]] for block in range(self.rows_per_clip)
+                        for s, c in zip(group.samples, group.choices)]  # fmt: skip
+                for r, jpeg in enumerate(rows):
+                    rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+                    boxes = aligner.detect(rgb)
+                    found[1] += 1
+                    if boxes:
+                        found[0] += 1
+                        host.landmarks[r] = torch.from_numpy(aligner.landmarks(rgb, boxes[0])).float()
+                return host
+
+        pipe = Detecting(cfg, 0, 1, "cpu")
+        pipe.found = found
+        return pipe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=512)
@@ -210,6 +278,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--swap-pairs", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per path; the best is reported")
+    parser.add_argument(
+        "--clips", type=int, default=16, help="clips per batch in the full input path (4x images)"
+    )
+    parser.add_argument("--full-batches", type=int, default=6, help="timed batches per full-path pipeline")
     args = parser.parse_args()
 
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
@@ -238,6 +310,46 @@ def main() -> None:
     for threads in args.threads:
         reference, batched = bench_faceswap(args.swap_pairs, threads, args.repeats)
         print(f"{threads:>8} {reference:>11.1f} {batched:>9.1f} {batched / reference:>6.1f}x")
+
+    from pretrain.batches import make_batch_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = make_shards(str(Path(tmp) / "clips"), 2 * args.clips)
+        print(
+            f"\nfull input path, images/s (shards -> sampling -> decode -> FaceSwap -> 2-family augmentation -> "
+            f"descriptors; {args.clips} clips = {4 * args.clips} images per batch, {args.full_batches} batches):"
+        )
+        print(f"{'threads':>8} {'torch':>8} {'dali':>8} {'torchvision':>12} {'torch/tv':>9} {'dali/tv':>8}")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            rates = {}
+            for kind in ("torch", "dali", "torchvision"):
+                # DALI brings its own `threads` worker threads; torch intra-op threads on the same cores
+                # oversubscribe them (measured: ~3x slower on 2 cores), so its torch part (FaceSwap) gets one.
+                torch.set_num_threads(1 if kind == "dali" else threads)
+                pipe = make_batch_pipeline(_pipeline_cfg(url, kind, args.clips, threads), 0, 1, "cpu")
+                rates[kind] = bench_full(pipe, args.full_batches)
+            tv = rates["torchvision"]
+            print(
+                f"{threads:>8} {rates['torch']:>8.0f} {rates['dali']:>8.0f} {tv:>12.0f} "
+                f"{rates['torch'] / tv:>8.2f}x {rates['dali'] / tv:>7.2f}x"
+            )
+        threads = max(args.threads)
+        torch.set_num_threads(threads)
+        cfg = _pipeline_cfg(url, "torch", args.clips, threads)
+        shard_json = bench_full(make_batch_pipeline(cfg, 0, 1, "cpu"), args.full_batches)
+        try:
+            detecting = DetectingPipeline.build(cfg)
+        except Exception as err:  # noqa: BLE001 - dlib or its model missing: say so, do not fail the bench
+            print(f"\nper-frame landmark detection: skipped ({err})")
+            return
+        detect = bench_full(detecting, max(1, args.full_batches // 2))
+        hits, total = detecting.found
+        print(
+            f"\nlandmarks, torch path, {threads} threads, images/s: from shard JSON {shard_json:.0f}, "
+            f"dlib per frame {detect:.1f} (faces found on {hits}/{total} frames) -> JSON is "
+            f"{shard_json / detect:.0f}x faster"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ whose message names the URL or setting and the fix; transient failures are retri
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 CREDENTIALS_HINT = (
@@ -294,7 +296,12 @@ def _with_retries(fn: Callable[[], T], url: str, write: bool = False) -> T:
             raise
         except Exception as err:
             if _is_transient(err) and attempt < _config.retries:
-                time.sleep(min(_config.backoff_s * 2**attempt, _config.backoff_max_s))
+                wait = min(_config.backoff_s * 2**attempt, _config.backoff_max_s)
+                log.warning(
+                    "store: transient %s on %s; retry %d/%d in %.2f s",
+                    type(err).__name__, url, attempt + 1, _config.retries, wait,
+                )  # fmt: skip
+                time.sleep(wait)
                 attempt += 1
                 continue
             user = _user_error(err, url, write)

@@ -8,6 +8,8 @@ cluster; ``http://HOST:8265`` submits this same command as a Ray job to that clu
 ``launch.ray_submit``) with ``--address auto``, follows its log and waits; ``--out`` must then be a path the
 cluster writes to and this machine can read (same host or a shared filesystem).
 Extra ``key=value`` arguments override any config key (``ray.task_timeout_s=60``, ``probes.knn_k=20``).
+``--pushgateway http://HOST:9091`` pushes progress (cells done/total) and the metric means, labelled by
+checkpoint, task and dataset, to a Prometheus Pushgateway (``eval/pushgateway.py``).
 Writes DIR/results.json, DIR/results.md, DIR/*.png and DIR/config.yaml. Exit code: 0 all cells ok, 1 some
 cells failed, 2 bad arguments, 3 timed out.
 """
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--job-timeout", type=float, default=3600.0, help="with an http:// address: job wait limit"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--pushgateway", default=None, help="Prometheus Pushgateway URL: push progress and metric means"
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p
 
@@ -62,6 +67,8 @@ def resolve_config(args: argparse.Namespace):
         cfg.max_samples = args.max_samples
     if args.task_timeout is not None:
         cfg.ray.task_timeout_s = args.task_timeout
+    if args.pushgateway is not None:
+        cfg.pushgateway = args.pushgateway
     cfg.validate()
     cfg.check_inputs()
     return cfg
@@ -89,6 +96,7 @@ def _as_job(argv: list[str], args: argparse.Namespace) -> int:
         ("--config", args.config and str(Path(args.config).resolve())),
         ("--max-samples", args.max_samples),
         ("--task-timeout", args.task_timeout),
+        ("--pushgateway", args.pushgateway),
     ):
         if value is not None:
             entry += [flag, str(value)]

@@ -85,6 +85,7 @@ class EvalConfig:
     seeds: int = 3
     test_fraction: float = 0.3  # share of identities held out for the expression / V/A test sets
     max_samples: int | None = None  # per dataset, for smoke runs
+    pushgateway: str = ""  # http://host:9091: push progress and metric means (eval/pushgateway.py)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     probes: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -326,7 +327,12 @@ def _timeout_message(stuck: list[_Pending], timeout_s: float) -> str:
     return "\n".join(lines)
 
 
-def gather(pending: list[_Pending], timeout_s: float, progress: bool = True) -> list[tuple[_Pending, Any]]:
+def gather(
+    pending: list[_Pending],
+    timeout_s: float,
+    progress: bool = True,
+    on_done: Callable[[_Pending, Any], None] | None = None,
+) -> list[tuple[_Pending, Any]]:
     """Wait for every task; failures become exception values; a stall longer than ``timeout_s`` raises."""
     import ray
     from tqdm import tqdm
@@ -353,6 +359,8 @@ def gather(pending: list[_Pending], timeout_s: float, progress: bool = True) -> 
                     value = err
                 done.append((by_ref[ref], value))
                 bar.update(1)
+                if on_done is not None:
+                    on_done(by_ref[ref], value)
             last_progress = time.monotonic()
     finally:
         bar.close()
@@ -430,8 +438,16 @@ def run_eval(
     try:
         start = time.monotonic()
         pending, feature_refs, label_refs = _submit(cfg, names, datasets)
-        done = gather(pending, cfg.ray.task_timeout_s, progress)
+        pusher = None
+        if cfg.pushgateway:
+            from eval.pushgateway import EvalPusher
+
+            cells = [(p.checkpoint, p.task, p.dataset) for p in pending]
+            pusher = EvalPusher(cfg.pushgateway, Path(cfg.out).name or "eval", cells)
+        done = gather(pending, cfg.ray.task_timeout_s, progress, pusher.cell_done if pusher else None)
         results = assemble(cfg, names, done)
+        if pusher is not None:
+            pusher.results(results)
         if on_features is not None and feature_refs:
             # Features for the report's projections; each already computed, so a short wait suffices.
             feats = {k: _get_or_none(v, cfg.ray.task_timeout_s) for k, v in feature_refs.items()}

@@ -6,12 +6,15 @@ normalisation. Batches run on CUDA when available in fp32, else on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from launch.configio import ConfigError
@@ -26,6 +29,7 @@ class FeatureConfig:
     crop: int = 112  # the pretraining crop
     batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    match_run: bool = True  # use augment.resize/crop of the run's config.yaml beside backbone.pt when present
 
     def validate(self) -> None:
         if self.crop <= 0 or self.crop > self.resize:
@@ -78,11 +82,21 @@ def embed(backbone: torch.nn.Module, jpegs: list[bytes], cfg: FeatureConfig) -> 
     return np.concatenate(chunks, axis=0) if chunks else np.zeros((0, 0), np.float32)
 
 
+def run_preprocessing(checkpoint: str, cfg: FeatureConfig) -> FeatureConfig:
+    """The resize/crop the backbone was trained at (its run's config.yaml), so features see the same scale."""
+    run_config = Path(checkpoint).with_name("config.yaml")
+    if not cfg.match_run or not run_config.is_file():
+        return cfg
+    augment = (yaml.safe_load(run_config.read_text()) or {}).get("augment") or {}
+    resize, crop = augment.get("resize", cfg.resize), augment.get("crop", cfg.crop)
+    return dataclasses.replace(cfg, resize=int(resize), crop=int(crop))
+
+
 def extract_features(checkpoint: str, jpegs: list[bytes], cfg: FeatureConfig | None = None) -> np.ndarray:
     """Load ``backbone.pt`` with ``pretrain.model.load_backbone`` and embed ``jpegs``."""
     from pretrain.model import load_backbone
 
-    return embed(load_backbone(checkpoint), jpegs, cfg or FeatureConfig())
+    return embed(load_backbone(checkpoint), jpegs, run_preprocessing(checkpoint, cfg or FeatureConfig()))
 
 
 def throughput(checkpoint: str, jpegs: list[bytes], cfg: FeatureConfig) -> float:

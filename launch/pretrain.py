@@ -41,14 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from data_shards.manifest import ManifestError
+    from data_shards.store import StoreError
     from pretrain.checkpoint import CheckpointError
+    from pretrain.descriptors import DescriptorError
     from pretrain.engine import run
+    from pretrain.faults import NonFiniteLossError, redact
+    from pretrain.stream import StreamError
 
     try:
         status = run(cfg)
-    except CheckpointError as err:  # e.g. resuming with another world size: one line, not a traceback
-        print(f"error: {err}", file=sys.stderr)
+    except (CheckpointError, StreamError, StoreError, ManifestError, DescriptorError, ConfigError) as err:
+        # User-fixable problems (world-size change, too few shards, credentials, missing manifest): one line
+        # that names the file or setting, not a traceback from every rank.
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # nan_policy=stop: a training fault, not a bad argument
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0 if status in ("finished", "stopped", "signal") else 1
 
 

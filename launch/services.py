@@ -1,4 +1,4 @@
-"""Local services on loopback: the S3 object store (SeaweedFS ``weed mini``).
+"""Local services on loopback: the S3 object store (SeaweedFS ``weed mini``), Prometheus, the Pushgateway.
 
 Usable from tests (``ObjectStore`` as a context manager) and as a CLI::
 
@@ -8,7 +8,7 @@ Usable from tests (``ObjectStore`` as a context manager) and as a CLI::
 
 Every server binds 127.0.0.1 only, requires credentials (SeaweedFS allows EVERYTHING when none are
 configured), is waited on by polling its port rather than sleeping, and is stopped by the PID recorded in
-``<dir>/weed.pid``. Prometheus and the Ray head get their own classes here as those issues land.
+``<dir>/*.pid``. The Ray head lives in ``launch/ray_head.py``.
 """
 
 from __future__ import annotations
@@ -344,6 +344,68 @@ class PrometheusServer:
         (Path(self.data_dir) / "prometheus.pid").unlink(missing_ok=True)
 
     def __enter__(self) -> PrometheusServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class PushgatewayServer:
+    """The Debian ``prometheus-pushgateway`` on 127.0.0.1 (evaluation jobs push progress and results to it).
+
+    Its persistence file lives in ``data_dir`` (the package default is /var/lib/prometheus); stopped by PID.
+    """
+
+    data_dir: Path
+    port: int = 0
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> PushgatewayServer:
+        binary = shutil.which("prometheus-pushgateway")
+        if not binary:
+            raise ServiceError(
+                "'prometheus-pushgateway' not found: run 'make setup' as root "
+                "(apt-get install prometheus-pushgateway)"
+            )
+        self.data_dir = Path(self.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        log_path = self.data_dir / "pushgateway.log"
+        cmd = [
+            binary,
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            f"--persistence.file={self.data_dir / 'pushgateway.data'}",
+        ]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = proc.pid
+        (self.data_dir / "pushgateway.pid").write_text(str(proc.pid))
+        try:
+            http_ready(f"{self.url}/-/ready", 30, proc, log_path)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def metrics_text(self) -> str:
+        """What Prometheus would scrape from the gateway (every pushed group)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            stop_pid(self.pid)
+            self.pid = None
+        (Path(self.data_dir) / "pushgateway.pid").unlink(missing_ok=True)
+
+    def __enter__(self) -> PushgatewayServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

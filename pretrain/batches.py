@@ -22,10 +22,34 @@ the last batch the trainer *consumed* (prefetched batches are simply prepared ag
 Equal step counts: every rank yields exactly ``steps_in_epoch(e)`` batches in epoch ``e`` (the stream gives equal clip
 counts per rank; if skipped clips leave a rank short, it tops up from the start of its epoch list, counted as
 ``epoch_refill``), so collectives never wait on a rank that ran dry.
+
+**Three implementations, one interface** (``data.pipeline``, built by :func:`make_batch_pipeline`): ``torch``
+(this class: torchvision/nvjpeg decode + batched torch augmentation), ``dali`` (:class:`DaliBatchPipeline`: DALI
+decode and augmentation stages around the batched torch FaceSwap, see ``pretrain/dali_pipeline.py``) and
+``torchvision`` (``pretrain/tv_pipeline.py``: per-sample PIL + torchvision transforms in a torch DataLoader, the
+benchmark baseline and a fallback). All three read the same :class:`pretrain.stream.ClipStream`, draw frames with
+the same sampler and per-batch seeds, and yield the same :class:`Batch` layout; the engine only sees
+``__iter__``, ``state_dict``/``load_state_dict``, ``steps_in_epoch``/``total_steps``, ``skipped_counts`` and
+``close``. Resume bound: ``torch`` and ``torchvision`` are exact (every draw is seeded per batch); ``dali`` resumes
+the same clips, frames, swaps and masks, but DALI's crop/flip/colour draws restart from a new seed.
+
+**Faults** never stop training; each is counted by reason (cumulative, saved in the checkpoint, exported by the
+engine through :meth:`BatchPipeline.skipped_counts`) and logged at most a few times per reason:
+``truncated_tar`` (corrupt/truncated tar: the shard ends after its last good sample), ``unreadable_shard`` (no
+sample at all: the lane reads another of its shards instead), ``short_shard_repeats``, ``bad_json``,
+``missing_json``, ``missing_jpeg``, ``corrupt_jpeg`` (the row takes another frame of the same clip),
+``missing_landmarks`` / ``bad_landmarks`` (no landmarks, or not (frames, 68, 2) finite numbers: the clip is
+skipped), and the sampler's short-clip reasons (``single_frame``, ``hard_negative_short``, ...; a clip is skipped
+with ``sampling.short_clip_policy=skip``). Storage problems are not skipped: :func:`data_shards.store.check_access`
+runs on ``data.url`` when the pipeline is built (wrong or missing credentials fail before training starts), and a
+store lost mid-run is retried with the backoff of ``data_shards.store.StoreConfig`` (re-opening the shard and
+continuing after the last sample read), then raises :class:`data_shards.store.StoreError` naming
+``AWS_ENDPOINT_URL_S3``.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -38,13 +62,92 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.augment import ViewAugmenter
+from data_shards import store
+from data_shards.read import SkipCounter, iter_samples
+from pretrain.augment import MASK_REGIONS, ViewAugmenter, ellipse_masks
 from pretrain.decode import decode_jpegs_skipping
 from pretrain.faceswap import FaceSwap
 from pretrain.loss import batch_layout
 from pretrain.sampling import FrameSampler, make_rng
 
 STATE_VERSION = 1
+PIPELINES = ("torch", "dali", "torchvision")
+log = logging.getLogger(__name__)
+
+
+def make_batch_pipeline(cfg, rank: int, world_size: int, device: torch.device | str = "cpu") -> BatchPipeline:
+    """The batch pipeline ``cfg.data.pipeline`` names (torch | dali | torchvision), same interface for all."""
+    kind = getattr(cfg.data, "pipeline", "torch")
+    if kind == "torch":
+        return BatchPipeline(cfg, rank, world_size, device)
+    if kind == "dali":
+        return DaliBatchPipeline(cfg, rank, world_size, device)
+    if kind == "torchvision":
+        from pretrain.tv_pipeline import TorchvisionBatchPipeline
+
+        return TorchvisionBatchPipeline(cfg, rank, world_size, device)
+    raise ValueError(f"config key 'data.pipeline': one of {', '.join(PIPELINES)}, got {kind!r}")
+
+
+def check_dataset_access(url: str) -> None:
+    """Fail before training with a clear StoreError when ``url`` cannot be read (credentials, endpoint, path)."""
+    first = url
+    if "{" in url:
+        import braceexpand
+
+        first = next(iter(braceexpand.braceexpand(url)))
+    store.check_access(first)
+
+
+def resilient_reader(read, handler, sleep=time.sleep):
+    """``read(url, handler)`` wrapped so a store lost mid-shard is retried with backoff, then a clear error.
+
+    A retry re-opens the shard and skips the samples already yielded (shards are read in a fixed order), so the
+    stream sees each sample once. Translated user errors (:class:`StoreError`) and missing files are not retried.
+    """
+
+    def read_shard(url: str):
+        done = attempt = 0
+        while True:
+            try:
+                for i, sample in enumerate(read(url, handler)):
+                    if i < done:
+                        continue
+                    done += 1
+                    attempt = 0
+                    yield sample
+                return
+            except (store.StoreError, FileNotFoundError, PermissionError):
+                raise
+            except Exception as err:
+                if not (store._is_transient(err) or isinstance(err, OSError)):
+                    raise
+                cfg = store.get_config()
+                if attempt >= cfg.retries:
+                    raise store.StoreError(
+                        f"lost the object store while reading {url} ({type(err).__name__}: {err}) after "
+                        f"{attempt + 1} attempts: check that the store at AWS_ENDPOINT_URL_S3="
+                        f"{store.endpoint() or '(unset: AWS default)'} is up and reachable from this host"
+                    ) from err
+                log.warning("store error reading %s (%s); retry %d/%d", url, err, attempt + 1, cfg.retries)
+                sleep(min(cfg.backoff_s * 2**attempt, cfg.backoff_max_s))
+                attempt += 1
+
+    return read_shard
+
+
+def validate_landmarks(meta: dict[str, Any], frames: int) -> str | None:
+    """None if ``meta['landmarks']`` is (frames, 68, 2) finite numbers, else the skip reason."""
+    raw = meta.get("landmarks")
+    if raw is None:
+        return "missing_landmarks"
+    try:
+        lm = np.asarray(raw, dtype=np.float32)
+    except (TypeError, ValueError):
+        return "bad_landmarks"
+    if lm.shape != (frames, 68, 2) or not np.isfinite(lm).all():
+        return "bad_landmarks"
+    return None
 
 
 def identity_code(identity_id: str) -> int:
@@ -113,8 +216,14 @@ class BatchPipeline:
         self.decode_on_device = self.data.decode == "device" or (
             self.data.decode == "auto" and self.device.type == "cuda"
         )
+        self.skips = SkipCounter(logger=log)  # counts by reason, rate-limited warnings
+        self.counters = self.skips.counts
+        check_dataset_access(self.data.url)  # wrong credentials / endpoint: a clear error before training
         # One stream lane per rank: the worker threads here decode, they do not read shards.
-        self.stream = ClipStream.from_config(self.data, rank=rank, world_size=world_size, num_workers=1)
+        self.stream = ClipStream.from_config(
+            self.data, rank=rank, world_size=world_size, num_workers=1,
+            read_shard=resilient_reader(iter_samples, self.skips),
+        )  # fmt: skip
         if self.steps_in_epoch(0) < 1:
             raise ValueError(
                 f"data.url={self.data.url}: {self.stream.epoch_length(0)} clips per rank per epoch, fewer than "
@@ -129,7 +238,6 @@ class BatchPipeline:
         positive, group = batch_layout(self.data.batch_clips, self.layout)
         self.positive_index = positive.to(self.device)
         self.group_id = group.to(self.device)
-        self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._epoch, self._index = 0, 0  # next batch to yield
         self._stream_state: dict[str, Any] | None = None  # stream position after the last consumed batch
@@ -167,14 +275,19 @@ class BatchPipeline:
         self.close()
         self._epoch, self._index = state["epoch"], state["index"]
         self._stream_state = state["stream"]
-        self.counters = Counter(state.get("counters", {}))
+        self.skips.counts = self.counters = Counter(state.get("counters", {}))
 
     def skipped(self) -> dict[str, int]:
+        """Cumulative counts of skipped/repaired input by reason (see the module docstring)."""
         with self._lock:
             out = Counter(self.counters)
         out.update(self.sampler.counters)
         out.update(self.stream.counters)
         return dict(out)
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Alias of :meth:`skipped` (the name the metrics exporter uses)."""
+        return self.skipped()
 
     # ------------------------------------------------------------------ reading (background)
     def _groups(self, epoch: int, index: int, stream_state):
@@ -217,7 +330,14 @@ class BatchPipeline:
 
     def _choose(self, sample: dict[str, Any], rng) -> tuple[int, ...] | None:
         frames, meta = sample["frames"], sample["meta"]
-        fps = float(meta.get("fps") or 25.0 / 6.0)
+        reason = validate_landmarks(meta, len(frames))
+        if reason is not None:
+            self.skips(reason, f"clip {sample.get('key')}: landmarks must be ({len(frames)}, 68, 2) numbers")
+            return None
+        try:
+            fps = float(meta.get("fps") or 25.0 / 6.0)
+        except (TypeError, ValueError):
+            fps = 25.0 / 6.0
         choice = self.sampler.sample_clip(len(frames), fps, rng)
         if choice is None:
             return None
@@ -259,8 +379,8 @@ class BatchPipeline:
         images, bad = decode_jpegs_skipping(jpegs, device, self.data.image_size)
         if not bad:
             return images, []
-        with self._lock:
-            self.counters["corrupt_jpeg"] += len(bad)
+        for i in bad:
+            self.skips("corrupt_jpeg", f"row {i} of a batch: replaced by another frame of the same clip")
         if images is None:
             raise RuntimeError(f"every JPEG of a batch failed to decode ({len(jpegs)} images)")
         # Keep the batch shape: a corrupt frame is replaced by another decoded row of the same clip (or any).
@@ -277,10 +397,7 @@ class BatchPipeline:
     def finish(self, host: HostBatch, wait_s: float = 0.0) -> Batch:
         """Decode (device path), FaceSwap the positives, augment both families, descriptors."""
         device = self.device
-        if host.jpegs is not None:
-            images, _ = self._decode(host.jpegs, device)
-        else:
-            images = host.images.to(device, non_blocking=True)
+        images = self._device_images(host)
         landmarks = host.landmarks.to(device, non_blocking=True)
         n = images.shape[0]
         half = n // 2  # anchors (A, NA) first, positives (P, NP) second, in both layouts
@@ -300,9 +417,7 @@ class BatchPipeline:
             positives, positive_landmarks = result.images, result.landmarks
             swapped[half:] = result.swapped
             view_landmarks = torch.cat([landmarks[:half], positive_landmarks])
-        first = self.augment(images[:half], view_landmarks[:half], "first", gen)
-        second = self.augment(positives, positive_landmarks, "second", gen)
-        views = torch.cat([first, second])
+        views = self._views(images[:half], view_landmarks[:half], positives, positive_landmarks, gen)
         if self.cfg.augment.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         descriptors = None
@@ -321,6 +436,18 @@ class BatchPipeline:
             index=host.index,
             wait_s=wait_s,
         )
+
+    def _device_images(self, host: HostBatch) -> torch.Tensor:
+        """uint8 (N, 3, S, S) on the device: decode here (device path) or move the threads' CPU decode."""
+        if host.jpegs is not None:
+            return self._decode(host.jpegs, self.device)[0]
+        return host.images.to(self.device, non_blocking=True)
+
+    def _views(self, anchors, anchor_landmarks, positives, positive_landmarks, gen) -> torch.Tensor:
+        """Family "first" on the anchors (A, NA), "second" on the (swapped) positives (P, NP)."""
+        first = self.augment(anchors, anchor_landmarks, "first", gen)
+        second = self.augment(positives, positive_landmarks, "second", gen)
+        return torch.cat([first, second])
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
@@ -345,6 +472,76 @@ class BatchPipeline:
         if self._threads is not None:
             self._threads.stop()
             self._threads = None
+
+
+class DaliBatchPipeline(BatchPipeline):
+    """``data.pipeline=dali``: DALI decode -> batched torch FaceSwap on the device -> DALI augmentation.
+
+    Same stream, sampling, row order, FaceSwap and descriptors as :class:`BatchPipeline`; only decoding and
+    the view augmentations run in DALI (``mixed``/GPU operators on CUDA, CPU operators otherwise). The
+    arrangement and the resume bound are documented in ``pretrain/dali_pipeline.py``.
+    """
+
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device | str = "cpu"):
+        super().__init__(cfg, rank, world_size, device)
+        self.decode_on_device = True  # the background threads hand over JPEG bytes; DALI decodes them
+        self.stages = None
+
+    def _stages(self, host: HostBatch):
+        if self.stages is None:
+            from pretrain.dali_pipeline import DaliStages
+
+            self.stages = DaliStages(
+                self.cfg.augment, self.device, self.data.batch_clips * self.rows_per_clip,
+                self.data.image_size, max(1, self.data.num_workers),
+                device_seed(self.cfg.seed, host.epoch, self.rank, host.index) & 0x7FFFFFFF,
+            )  # fmt: skip
+        return self.stages
+
+    def _device_images(self, host: HostBatch) -> torch.Tensor:
+        stages = self._stages(host)
+        jpegs = list(host.jpegs)
+        try:
+            return stages.decode(jpegs)
+        except RuntimeError:
+            pass
+        # Some JPEG is corrupt: find which with the CPU decoder, substitute frames of the same clip, rerun.
+        _, bad = decode_jpegs_skipping(jpegs, "cpu", self.data.image_size)
+        good = [i for i in range(len(jpegs)) if i not in set(bad)]
+        if not bad or not good:
+            raise RuntimeError(f"DALI could not decode a batch of {len(jpegs)} JPEGs (keys {host.keys})")
+        b = self.data.batch_clips
+        for i in bad:
+            self.skips("corrupt_jpeg", f"row {i} of a batch: replaced by another frame of the same clip")
+            same_clip = [j for j in good if j % b == i % b]
+            jpegs[i] = jpegs[(same_clip or good)[0]]
+        return stages.decode(jpegs)
+
+    def _views(self, anchors, anchor_landmarks, positives, positive_landmarks, gen) -> torch.Tensor:
+        cfg = self.cfg.augment
+        images = torch.cat([anchors, positives])
+        landmarks = torch.cat([anchor_landmarks, positive_landmarks]).float().cpu()
+        n, size = images.shape[0], images.shape[-1]
+        # Mask coins and regions from the batch's seeded generator (as in the torch path), drawn on the CPU.
+        coin = torch.rand(n, generator=gen, device=gen.device).cpu() < cfg.mask_p
+        region = torch.randint(0, len(MASK_REGIONS), (n,), generator=gen, device=gen.device).cpu()
+        masks = ellipse_masks(landmarks, region, size, size, cfg.mask_scale, cfg.mask_min_aspect)
+        masks &= coin[:, None, None]
+        families = torch.zeros(n, dtype=torch.int32)
+        families[anchors.shape[0] :] = 1
+        return self._stages_ready().augment(images, masks, families)
+
+    def _stages_ready(self):
+        assert self.stages is not None  # built by _device_images of the same batch
+        return self.stages
+
+    def __iter__(self):
+        self.stages = None  # fresh DALI pipelines (and seed) per iterator: see the resume bound
+        yield from super().__iter__()
+
+    def close(self) -> None:
+        super().close()
+        self.stages = None  # releases the DALI pipelines (and their device memory)
 
 
 class _Prefetcher:

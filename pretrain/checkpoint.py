@@ -11,6 +11,11 @@ Layout under ``run_dir/checkpoints``::
 A checkpoint is written under ``step-XXXXXXXX.partial`` and renamed once every rank has finished, then
 ``latest`` is replaced (write-temp-then-rename), so a kill at any moment leaves the previous checkpoint intact.
 DeepSpeed's own ``latest`` file is not used: it would point at a half-written tag.
+
+A failed write on any rank (disk full, quota, I/O error) is agreed on by all ranks: the partial folder is removed,
+nothing is published and :class:`CheckpointError` names the checkpoint that is still the latest. A mirror upload
+(``checkpoint.mirror_url``) retries with the ``store`` backoff; if the store stays down the local checkpoint is
+already published and the mirror's ``latest`` (uploaded last) still names the previous mirrored checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain import distributed
+from pretrain import distributed, faults
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +131,25 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)  # leftovers of a save that was killed
             partial.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        engine.save_checkpoint(
-            str(self.dir), tag=partial_tag, client_state={"step": step, "epoch": epoch}, save_latest=False
-        )
-        torch.save({**rank_state, "rng": rng_state()}, partial / f"rank-{rank:05d}.pt")
+        error: OSError | None = None
+        try:
+            engine.save_checkpoint(
+                str(self.dir), tag=partial_tag, client_state={"step": step, "epoch": epoch}, save_latest=False
+            )
+            torch.save({**rank_state, "rng": rng_state()}, partial / f"rank-{rank:05d}.pt")
+            faults.maybe_fail_checkpoint_write(step)  # test-only hook: SSLFER_INJECT_CKPT_FAIL_AT_STEP
+        except OSError as err:  # disk full, quota, I/O error: never publish a half-written checkpoint
+            error = err
+        if _any_rank(error is not None):
+            if distributed.is_main():
+                shutil.rmtree(partial, ignore_errors=True)
+            distributed.barrier()
+            previous = self.latest()
+            raise CheckpointError(
+                f"writing checkpoint {tag} in {self.dir} failed ({error or 'on another rank'}); it was not "
+                f"published and the latest checkpoint is still {previous.name if previous else 'none'}: free "
+                "disk space (or fix the folder) and rerun with resume=auto"
+            )
         distributed.barrier()
         final = self.dir / tag
         if distributed.is_main():
@@ -140,7 +160,14 @@ class Checkpointer:
             _write_atomic(self.dir / LATEST, tag)
             self._prune(keep=tag)
             if self.mirror_url:
-                self._mirror(final)
+                try:
+                    self._mirror(final)
+                except Exception as err:
+                    raise CheckpointError(
+                        f"checkpoint {tag} is saved in {self.dir} but mirroring it to {self.mirror_url} failed "
+                        f"after retries: {faults.redact(str(err))}. The mirror's '{LATEST}' still names the "
+                        "previous mirrored checkpoint; fix the store and rerun with resume=auto"
+                    ) from err
         distributed.barrier()
         return final
 
@@ -199,6 +226,15 @@ class Checkpointer:
         set_rng_state(state.pop("rng"))
         state.update(step=int(client["step"]), epoch=int(client["epoch"]), meta=meta)
         return state
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (collective)."""
+    device = (
+        "cuda" if distributed.is_initialized() and str(torch.distributed.get_backend()) == "nccl" else "cpu"
+    )
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(distributed.all_reduce_mean(value).item() > 0)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from data_shards.store import StoreConfig
 from launch.configio import ConfigError
 from pretrain.augment import AugmentConfig
 from pretrain.descriptors import DescriptorConfig
@@ -31,6 +32,9 @@ class DataConfig(StreamConfig):
     prefetch: int = 4  # batches prepared ahead of the training step
     decode: Literal["auto", "device", "cpu"] = "auto"  # where JPEGs are decoded (auto: nvjpeg on CUDA)
     image_size: int = 128  # frames are resized to this on decode if the shards hold another size
+    # torch: batched torch decode+augment; dali: DALI decode/augment stages around torch FaceSwap;
+    # torchvision: per-sample PIL + torchvision transforms in a DataLoader (baseline, fallback)
+    pipeline: Literal["torch", "dali", "torchvision"] = "torch"
 
     def validate(self) -> None:
         super().validate()
@@ -45,6 +49,10 @@ class DataConfig(StreamConfig):
             raise ConfigError("config key 'data.num_workers' must be >= 0 and 'data.prefetch' >= 1")
         if self.image_size < 16:
             raise ConfigError(f"config key 'data.image_size': must be >= 16, got {self.image_size}")
+        if self.pipeline not in ("torch", "dali", "torchvision"):
+            raise ConfigError(
+                f"config key 'data.pipeline': must be torch, dali or torchvision, got {self.pipeline!r}"
+            )
 
 
 @dataclass
@@ -104,6 +112,12 @@ class PretrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     zero_stage: Literal[0, 1, 2] = 0
     freeze_bn_stats: bool = False  # BatchNorm in eval mode (running stats): no coupling between batch rows
+    # Seconds a collective may wait for a peer (process-group timeout): a rank that died or hangs ends the
+    # others with an error after this long instead of a hang. Also bounds a checkpoint save's barriers.
+    dist_timeout_s: float = 600.0
+    nan_policy: Literal["skip", "stop"] = (
+        "stop"  # NaN/inf loss: skip the step (counted) or stop with an error
+    )
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -114,6 +128,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(enabled=False))
+    store: StoreConfig = field(default_factory=StoreConfig)  # object-store retries/backoff/timeouts
 
     def validate(self) -> None:
         if not self.run_dir:
@@ -126,6 +141,10 @@ class PretrainConfig:
             raise ConfigError(f"config key 'max_steps': must be >= 1 or null, got {self.max_steps}")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ConfigError(f"config key 'stop_at_step': must be >= 1 or null, got {self.stop_at_step}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"config key 'dist_timeout_s': must be > 0 seconds, got {self.dist_timeout_s}")
+        if self.nan_policy not in ("skip", "stop"):
+            raise ConfigError(f"config key 'nan_policy': must be skip or stop, got {self.nan_policy!r}")
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise ConfigError("config keys 'log_every' must be >= 1 and 'checkpoint_every' >= 0")
         if self.resume not in ("auto", "never") and not self.resume:

@@ -21,6 +21,35 @@ Ops, in order (``device="gpu"`` decodes with ``"mixed"`` (nvjpeg) and runs every
 
 Outputs per sample: ``images`` (3, crop, crop) float and ``params`` = [crop_x, crop_y, flip, jitter, blur, gray,
 mask, family] (crop_x/y: the crop's top-left pixel in the resized image) so landmarks can be mapped.
+
+**In training (``data.pipeline=dali``): two DALI stages around a batched torch FaceSwap.** FaceSwap needs the
+decoded pixels of every row of the batch (donors are other rows) and runs as batched torch ops on the device,
+which DALI cannot call inside a graph without per-sample Python. So :class:`DaliStages` splits the work:
+
+1. *decode stage* (:func:`build_decode_pipeline`): ``external_source`` of the batch's JPEG bytes (all 4B rows in
+   ``[A, NA, P, NP]`` order) -> ``fn.decoders.image`` (``"mixed"`` = nvjpeg on the GPU, ``"cpu"`` here) ->
+   ``fn.resize`` to ``data.image_size``; the output TensorList is copied into one torch uint8 (N, H, W, 3)
+   device tensor with the PyTorch plugin's ``feed_ndarray`` (on the current CUDA stream on GPU);
+2. *torch, on the device*: FaceSwap on the positive rows (P, NP) with donors from the whole decoded batch,
+   the mouth-eye descriptors from the unswapped frames, and the landmark-ellipse masks of every row (from the
+   swapped landmarks for swapped rows) - each one batched call seeded by ``(seed, epoch, rank, batch)``;
+3. *augmentation stage* (:func:`build_dali_pipeline` with ``input="images"``): ``external_source`` fed with
+   those device tensors (images, masks, family per row) -> mask fill, resize, crop/flip, jitter, blur,
+   grayscale, normalisation as above, one DALI batch of 4B rows (the family input switches the jitter rule),
+   copied back into a torch float (N, 3, crop, crop) device tensor.
+
+Both stages are fed with ``feed_input`` and run synchronously (``prefetch_queue_depth=1``) by the training
+thread; reading shards, frame choice and row ordering stay in the background threads of
+:class:`pretrain.batches.BatchPipeline`. A corrupt JPEG makes the decode stage raise: the rows are then checked
+one by one with the CPU decoder, bad ones are replaced by the bytes of another frame of the same clip (counted
+as ``corrupt_jpeg``) and the stage is run again - DALI pipelines keep working after a failed run.
+
+Randomness and resume: frame choice, FaceSwap coins/donors and mask regions are per-batch seeded as in the
+torch path; DALI's own random ops (crop, flip, jitter, blur, grayscale) come from the augmentation pipeline's
+seed, fixed when the iterator starts (``(seed, epoch, rank, batch)`` of the first batch). A resumed run
+therefore sees exactly the same clips, frames, swaps and masks in the same batches (no repeats, no drops), but
+its crop/flip/colour draws differ from those the uninterrupted run would have made: the resume bound is
+"same data, statistically identical (not bitwise identical) augmentations".
 """
 
 from __future__ import annotations
@@ -72,8 +101,15 @@ def build_dali_pipeline(
     source: Iterable[FrameBatch],
     image_size: int | None = None,
     prefetch_queue_depth: int = 2,
+    input: Literal["jpeg", "images"] = "jpeg",
 ):
-    """Define (not yet build) the DALI pipeline; ``device_id`` must be None on CPU. See the module docstring."""
+    """Define (not yet build) the DALI pipeline; ``device_id`` must be None on CPU. See the module docstring.
+
+    ``input="jpeg"``: ``source`` yields :data:`FrameBatch` es and masks are drawn by :class:`MaskedFeed`.
+    ``input="images"``: no ``source``; the caller feeds the named inputs ``images`` (uint8 HWC, on the
+    pipeline's device), ``mask`` (uint8 HWx1, 1 inside the ellipse) and ``family`` (int32 per sample) with
+    ``feed_input`` before each ``run()`` (see :class:`DaliStages`).
+    """
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
 
@@ -84,19 +120,28 @@ def build_dali_pipeline(
         raise ValueError("build_dali_pipeline: device='gpu' needs a device_id (the local GPU index)")
     if device == "cpu" and device_id is not None:
         raise ValueError("build_dali_pipeline: device='cpu' needs device_id=None (DALI's CPU-only mode)")
+    if input not in ("jpeg", "images"):
+        raise ValueError(f"build_dali_pipeline: input must be 'jpeg' or 'images', got {input!r}")
     image_size = image_size or cfg.resize
-    feed = MaskedFeed(source, cfg, image_size, seed)
+    feed = MaskedFeed(source, cfg, image_size, seed) if input == "jpeg" else None
     b, c, s, h = cfg.jitter
     mean = [255.0 * m for m in cfg.mean]
     std = [255.0 * v for v in cfg.std]
 
     @pipeline_def(enable_conditionals=True)
     def views():
-        jpegs, mask, family = fn.external_source(
-            source=feed, num_outputs=3, batch=True, cycle="raise", dtype=[types.UINT8, types.UINT8, types.INT32],
-            layout=[None, "HWC", None],
-        )  # fmt: skip
-        images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        if feed is not None:
+            jpegs, mask, family = fn.external_source(
+                source=feed, num_outputs=3, batch=True, cycle="raise",
+                dtype=[types.UINT8, types.UINT8, types.INT32], layout=[None, "HWC", None],
+            )  # fmt: skip
+            images = fn.decoders.image(
+                jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
+            )
+        else:  # decoded (and face-swapped) frames from torch, already on the pipeline's device
+            images = fn.external_source(name="images", device=device, dtype=types.UINT8, layout="HWC")
+            mask = fn.external_source(name="mask", device="cpu", dtype=types.UINT8, layout="HWC")
+            family = fn.external_source(name="family", device="cpu", dtype=types.INT32)
         masked = fn.reductions.max(mask) > 0  # on the CPU: conditions and params stay host-side
         if device == "gpu":
             mask = mask.gpu()
@@ -163,3 +208,79 @@ def dali_iterator(pipeline, output_map: tuple[str, str] = ("images", "params")):
     return DALIGenericIterator(
         pipeline, list(output_map), last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False, size=-1
     )
+
+
+def build_decode_pipeline(
+    device: Literal["cpu", "gpu"], batch_size: int, num_threads: int, device_id: int | None, image_size: int,
+    seed: int = 0,
+):  # fmt: skip
+    """The decode stage: named input ``jpegs`` -> RGB uint8 (image_size, image_size, 3) per sample."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def decode():
+        jpegs = fn.external_source(name="jpegs", dtype=types.UINT8)
+        images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        # Frames are stored at image_size already in the normal case; resizing to the same size is exact.
+        return fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
+
+    return decode(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+        prefetch_queue_depth=1, exec_dynamic=True,
+    )  # fmt: skip
+
+
+def to_torch(tensor_list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A dense DALI TensorList (CPU or GPU) -> a torch tensor on ``device`` via the PyTorch plugin."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = tensor_list.as_tensor()
+    out = torch.empty(tuple(dense.shape()), dtype=dtype, device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(dense, out, cuda_stream=stream)
+    return out
+
+
+class DaliStages:
+    """Decode stage -> (caller's torch FaceSwap) -> augmentation stage; see the module docstring.
+
+    ``device``: the torch device of the training step (cuda -> DALI ``gpu``/``mixed``, cpu -> DALI ``cpu``).
+    """
+
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        device: torch.device,
+        rows: int,
+        image_size: int,
+        num_threads: int,
+        seed: int,
+    ):
+        self.cfg, self.device, self.rows, self.image_size = cfg, torch.device(device), rows, image_size
+        gpu = self.device.type == "cuda"
+        self.dali_device: Literal["cpu", "gpu"] = "gpu" if gpu else "cpu"
+        device_id = (self.device.index or 0) if gpu else None
+        self.decoder = build_decode_pipeline(self.dali_device, rows, num_threads, device_id, image_size, seed)
+        self.decoder.build()
+        self.augmenter = build_dali_pipeline(
+            cfg, self.dali_device, rows, num_threads, device_id, seed, None, image_size,
+            prefetch_queue_depth=1, input="images",
+        )  # fmt: skip
+        self.augmenter.build()
+
+    def decode(self, jpegs: list[bytes]) -> torch.Tensor:
+        """JPEG bytes -> uint8 (N, 3, S, S) on the device; raises RuntimeError if any JPEG is corrupt."""
+        self.decoder.feed_input("jpegs", [np.frombuffer(j, dtype=np.uint8) for j in jpegs])
+        (images,) = self.decoder.run()
+        return to_torch(images, self.device, torch.uint8).permute(0, 3, 1, 2)
+
+    def augment(self, images: torch.Tensor, masks: torch.Tensor, families: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, S, S) device images, bool (N, S, S) masks, int (N,) families -> float (N, 3, crop, crop)."""
+        hwc = images.permute(0, 2, 3, 1).contiguous()
+        if self.dali_device == "cpu":
+            hwc = hwc.cpu().numpy()
+        self.augmenter.feed_input("images", hwc)  # one dense batch; torch CUDA tensors are fed zero-copy
+        self.augmenter.feed_input("mask", masks.to("cpu", torch.uint8)[..., None].numpy())
+        self.augmenter.feed_input("family", families.to("cpu", torch.int32).numpy())
+        views, _params = self.augmenter.run()
+        return to_torch(views, self.device, torch.float32)

@@ -17,6 +17,7 @@ computes only its own rows of the global similarity matrix (memory O(n x W*n) in
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,6 +65,7 @@ class LossOutput:
     positive_top1: torch.Tensor  # share of rows whose positive beats every negative (detached)
     negatives_per_row: torch.Tensor  # mean number of negatives in the L1 denominator (detached)
     rows: int  # number of anchor rows R
+    gather_seconds: float = 0.0  # wall time of the forward all-gathers (DistributedInfoNCE; 0 single-process)
 
 
 _NEG_INF = float("-inf")
@@ -187,7 +189,9 @@ class DistributedInfoNCE(nn.Module):
         world = distributed.get_world_size() if cfg.gather else 1
         rank = distributed.get_rank() if cfg.gather else 0
         positive_index_local = positive_index_local.to(z_local.device, torch.long)
+        gather_s = 0.0
         if world > 1:
+            t0 = _gather_clock(z_local.device)
             z = distributed.all_gather_with_grad(z_local)
             positives = distributed.all_gather_no_grad(positive_index_local + rank * n)
             groups = None
@@ -198,6 +202,7 @@ class DistributedInfoNCE(nn.Module):
             descriptors = None
             if descriptors_local is not None:
                 descriptors = distributed.all_gather_no_grad(descriptors_local.to(z_local.device))
+            gather_s = _gather_clock(z_local.device) - t0
         else:
             z, positives, groups, descriptors = (
                 z_local,
@@ -206,7 +211,7 @@ class DistributedInfoNCE(nn.Module):
                 descriptors_local,
             )
         rows = torch.arange(rank * n, (rank + 1) * n, device=z_local.device)
-        return info_nce(
+        out = info_nce(
             z,
             positives,
             cfg.temperature,
@@ -217,6 +222,16 @@ class DistributedInfoNCE(nn.Module):
             group_id=groups,
             row_indices=rows,
         )
+        out.gather_seconds = gather_s
+        return out
+
+
+def _gather_clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work: NCCL collectives are asynchronous, so the gather's time
+    is only measurable between two synchronisations (one each side of the gathers; gloo on CPU is synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def batch_layout(num_clips: int, layout: Literal["simclr", "sslfer"]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,12 @@
 
 One HTTP exporter per rank on 127.0.0.1:(port_base + local_rank); labels ``rank``, ``node``, ``run``
 (never ``job``: Prometheus reserves it and would rename ours to ``exported_job``). Each rank owns its own
-``CollectorRegistry`` so several ranks in one process (tests) never collide. The launcher writes a file-based
-service-discovery file listing every rank's target (:func:`write_file_sd`).
+``CollectorRegistry`` so several ranks in one process (tests) never collide. Rank 0 gathers every rank's
+``host:port`` and writes a file-based service-discovery file ``metrics.file_sd_dir/RUN.json`` listing the run's
+targets (:func:`publish_targets`, :func:`write_file_sd`); it is removed when the run ends.
+
+Per step the engine feeds only host-side numbers (timings, counts, LR: no device synchronisation); losses and
+MaskFN rates are set on logging steps from the values already reduced for ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 import resource
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,8 @@ class MetricsConfig:
     port_base: int = 9400  # rank r exports on port_base + local_rank; 0 picks free ports (tests)
     address: str = "127.0.0.1"
     file_sd_dir: str = "runs/prometheus_targets"  # the run writes FILE_SD_DIR/RUN.json listing its targets
+    run: str = ""  # the `run` label and file-SD name; empty: the last part of run_dir
+    linger_s: float = 0.0  # keep exporters up this long after the last step (short runs: last scrape)
 
     def validate(self) -> None:
         from launch.configio import ConfigError
@@ -39,6 +46,12 @@ class MetricsConfig:
             )
         if not 0 <= self.port_base < 65000:
             raise ConfigError(f"config key 'metrics.port_base': must be 0..64999, got {self.port_base}")
+        if self.linger_s < 0:
+            raise ConfigError(f"config key 'metrics.linger_s': must be >= 0, got {self.linger_s}")
+        if self.run and not all(c.isalnum() or c in "-_." for c in self.run):
+            raise ConfigError(
+                f"config key 'metrics.run': use letters, digits, '-', '_', '.', got {self.run!r}"
+            )
 
 
 class TrainMetrics:
@@ -102,6 +115,14 @@ class TrainMetrics:
             self._server.server_close()
             self._server = None
 
+    def close(self, file_sd: str | Path | None = None) -> None:
+        """End of a run: serve ``linger_s`` more seconds (the last values get scraped), stop, drop the targets."""
+        if self._server is not None and self.cfg.linger_s > 0:
+            time.sleep(self.cfg.linger_s)
+        self.stop()
+        if file_sd is not None:
+            Path(file_sd).unlink(missing_ok=True)
+
     def _l(self, metric, **extra):
         return metric.labels(**self.labels, **extra)
 
@@ -113,13 +134,14 @@ class TrainMetrics:
         allgather_seconds: float,
         clips: int,
         images: int,
-        loss: float,
+        lr: float,
+        loss: float | None = None,
         l1: float | None = None,
         l2: float | None = None,
         pick_rate: float | None = None,
         same_identity_rate: float | None = None,
-        lr: float,
     ) -> None:
+        """One optimizer step of this rank (``clips``/``images`` this rank consumed in it)."""
         self._l(self.steps).inc()
         self._l(self.samples).inc(clips)
         self._l(self.images).inc(images)
@@ -127,6 +149,19 @@ class TrainMetrics:
         self._l(self.data_wait_seconds).inc(data_wait_seconds)
         self._l(self.data_wait_fraction).set(data_wait_seconds / step_seconds if step_seconds > 0 else 0.0)
         self._l(self.allgather_seconds).inc(allgather_seconds)
+        self._l(self.lr).set(lr)
+        if loss is not None:
+            self.set_losses(loss, l1, l2, pick_rate, same_identity_rate)
+
+    def set_losses(
+        self,
+        loss: float,
+        l1: float | None = None,
+        l2: float | None = None,
+        pick_rate: float | None = None,
+        same_identity_rate: float | None = None,
+    ) -> None:
+        """Loss terms, MaskFN rates and memory peaks (logging steps: reading them may synchronise)."""
         self._l(self.loss, term="total").set(loss)
         if l1 is not None:
             self._l(self.loss, term="l1").set(l1)
@@ -136,7 +171,6 @@ class TrainMetrics:
             self._l(self.maskfn_pick_rate).set(pick_rate)
         if same_identity_rate is not None:
             self._l(self.maskfn_same_identity_rate).set(same_identity_rate)
-        self._l(self.lr).set(lr)
         self._l(self.host_memory).set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         try:
             import torch
@@ -172,3 +206,39 @@ def write_file_sd(path: str | Path, targets: list[str], labels: dict[str, str]) 
     tmp.write_text(json.dumps([{"targets": sorted(targets), "labels": labels}], indent=2))
     tmp.replace(path)  # Prometheus may read it at any moment: publish atomically
     return path
+
+
+def target_host(address: str) -> str:
+    """The host Prometheus should scrape for an exporter bound to ``address``."""
+    if address in ("0.0.0.0", "::", ""):
+        return socket.getfqdn()
+    return "127.0.0.1" if address == "localhost" else address
+
+
+def file_sd_path(cfg: MetricsConfig, run: str) -> Path:
+    return Path(cfg.file_sd_dir) / f"{run}.json"
+
+
+def publish_targets(metrics: TrainMetrics | None, enabled: bool) -> Path | None:
+    """Gather every rank's ``host:port`` (a collective: call on every rank); rank 0 writes the file-SD file.
+
+    ``enabled`` must be the same on all ranks (``metrics.enabled``); returns the file's path on rank 0.
+    """
+    from pretrain import distributed
+
+    if not enabled:
+        return None
+    mine = f"{target_host(metrics.cfg.address)}:{metrics.port}" if metrics and metrics.port else None
+    if distributed.get_world_size() > 1:
+        import torch.distributed as dist
+
+        everyone: list = [None] * distributed.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    if not distributed.is_main() or metrics is None:
+        return None
+    targets = [t for t in everyone if t]
+    return write_file_sd(
+        file_sd_path(metrics.cfg, metrics.labels["run"]), targets, {"sslfer_run": metrics.labels["run"]}
+    )

@@ -149,17 +149,27 @@ class _LaneReader:
         url = self.urls[j % len(self.urls)]
         expected = self.counts[j % len(self.counts)]
         it = iter(self.read_shard(url))
-        idx = got_since_open = 0
+        idx = got_since_open = substitute = 0
         reopened = False
         while idx < expected:
             try:
                 sample = next(it)
             except StopIteration:
                 if got_since_open == 0:
-                    raise StreamError(
-                        f"shard '{url}' yielded no samples but its manifest lists {expected}: "
-                        "check it with `python -m data_shards verify` and rewrite or remove it"
-                    ) from None
+                    # Unreadable (e.g. corrupt from its first byte): fill its slots from the lane's next
+                    # shards, deterministically, so every lane keeps its length. Fatal only if none reads.
+                    substitute += 1
+                    if substitute >= len(self.urls):
+                        raise StreamError(
+                            f"shard '{url}' yielded no samples but its manifest lists {expected}, and no "
+                            "other shard of this lane could be read: check the dataset with "
+                            "`python -m data_shards verify` and rewrite or remove the bad shards"
+                        ) from None
+                    if substitute == 1:
+                        self.counters["unreadable_shard"] += 1
+                    url = self.urls[(j + substitute) % len(self.urls)]
+                    it = iter(self.read_shard(url))
+                    continue
                 if not reopened:  # count the shortfall once; index i then maps to sample i mod actual
                     self.counters["short_shard_repeats"] += expected - idx
                     reopened = True

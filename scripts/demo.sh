@@ -14,8 +14,8 @@ DEMO_DIR=${DEMO_DIR:-runs/demo}
 IDENTITIES=${DEMO_IDENTITIES:-48}
 CLIPS=${DEMO_CLIPS_PER_IDENTITY:-4}
 SECONDS_PER_CLIP=${DEMO_SECONDS:-12}
-EVAL_IDENTITIES=${DEMO_EVAL_IDENTITIES:-24}
-STEPS=${DEMO_STEPS:-150}
+EVAL_IDENTITIES=${DEMO_EVAL_IDENTITIES:-40}
+STEPS=${DEMO_STEPS:-300}
 SEED=${DEMO_SEED:-0}
 
 rm -rf "$DEMO_DIR/store"
@@ -31,11 +31,12 @@ EVAL_URL=s3://sslfer/synthface/eval
 
 echo "[demo] 1/4 SynthFace pretraining corpus: $IDENTITIES identities x $CLIPS clips x ${SECONDS_PER_CLIP}s"
 python -m data_shards synth --out "$PRETRAIN_URL" --identities "$IDENTITIES" --clips-per-identity "$CLIPS" \
-  --seconds "$SECONDS_PER_CLIP" --seed "$SEED"
+  --seconds "$SECONDS_PER_CLIP" --seed "$SEED" --shard-samples 12
 python -m data_shards verify "$PRETRAIN_URL"
 
 echo "[demo] 2/4 SynthFace evaluation set: $EVAL_IDENTITIES identities never seen in pretraining"
-python -m data_shards evalset --source synth --out "$EVAL_URL" --identities "$EVAL_IDENTITIES" --seed "$SEED"
+python -m data_shards evalset --source synth --out "$EVAL_URL" --identities "$EVAL_IDENTITIES" \
+  --clips-per-identity 4 --seconds 12 --frames-per-clip 8 --seed "$SEED"
 python -m data_shards verify "$EVAL_URL"
 
 if [ ! -f launch/pretrain.py ] || [ ! -f pretrain/engine.py ]; then

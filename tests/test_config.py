@@ -90,3 +90,15 @@ def test_saved_config_round_trips_and_redacts(tmp_path):
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x", "e=true"]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": True}
+
+
+def test_config_reference_is_current_and_complete():
+    """docs/CONFIG.md documents every key of every entry point, with a meaning (regenerate if this fails)."""
+    from launch.config_reference import OUTPUT, render
+
+    text = render()
+    assert OUTPUT.read_text() == text, "docs/CONFIG.md is stale: run python -m launch.config_reference"
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) > 80
+    undocumented = [row.split("|")[1].strip() for row in rows if row.rstrip().endswith("|  |")]
+    assert not undocumented, f"config keys without a meaning: {undocumented}"

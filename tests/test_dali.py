@@ -120,3 +120,32 @@ def test_device_and_device_id_must_agree(frames):
         build_dali_pipeline(AugmentConfig(), "cpu", BATCH, 1, 0, 7, [])
     with pytest.raises(ValueError, match="needs a device_id"):
         build_dali_pipeline(AugmentConfig(), "gpu", BATCH, 1, None, 7, [])
+
+
+def test_two_stage_decode_then_augment_from_torch_tensors(frames):
+    """The training arrangement: DALI decode -> (torch FaceSwap) -> DALI augmentation fed from torch tensors."""
+    from pretrain.dali_pipeline import DaliStages
+    from pretrain.decode import decode_jpegs
+
+    cfg = AugmentConfig(flip_p=0.0, jitter_p=0.0, jitter_always_first_family=False, blur_p=0.0, gray_p=0.0,
+                        mask_p=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # fmt: skip
+    stages = DaliStages(cfg, torch.device("cpu"), BATCH, 128, 1, seed=5)
+    jpegs = frames[0][:BATCH]
+    decoded = stages.decode(jpegs)
+    assert decoded.shape == (BATCH, 3, 128, 128) and decoded.dtype == torch.uint8
+    assert (decoded.float() - decode_jpegs(jpegs).float()).abs().mean() < 1.0  # libjpeg flavours may differ
+    with pytest.raises(RuntimeError):
+        stages.decode([jpegs[0][:100]] * BATCH)  # corrupt: raises, and the stage keeps working
+    swapped = decoded.flip(-1).contiguous()  # stands in for the torch FaceSwap output
+    masks = torch.zeros(BATCH, 128, 128, dtype=torch.bool)
+    masks[0, 40:80, 40:80] = True
+    views = stages.augment(swapped, masks, torch.tensor([0] * 4 + [1] * 4))
+    assert views.shape == (BATCH, 3, 112, 112) and views.dtype == torch.float32
+    inside = views[0][:, 45:55, 45:55]  # crop origin <= 16: still inside the masked square
+    assert (inside - swapped[0].float().mean(dim=(1, 2))[:, None, None] / 255).abs().max() < 2 / 255
+    for i in range(1, BATCH):  # unmasked rows: an exact crop of the fed tensor somewhere in 0..16
+        found = any(
+            torch.allclose(views[i], swapped[i, :, y : y + 112, x : x + 112].float() / 255, atol=1e-5)
+            for y in range(17) for x in range(17)
+        )  # fmt: skip
+        assert found

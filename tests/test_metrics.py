@@ -130,3 +130,64 @@ def test_real_prometheus_scrapes_exporter(tmp_path):
             assert result[0]["metric"]["rank"] == "0"
     finally:
         m.stop()
+
+
+def test_file_sd_published_by_rank0_and_removed_at_close(tmp_path):
+    from pretrain.metrics import publish_targets
+
+    cfg = MetricsConfig(port_base=0, file_sd_dir=str(tmp_path / "targets"), linger_s=0.2)
+    m = TrainMetrics(cfg, rank=0, local_rank=0, run="sd-run", node="n0")
+    port = m.start(0)
+    path = publish_targets(m, True)  # single process: this rank is rank 0 and the whole world
+    assert path == tmp_path / "targets" / "sd-run.json"
+    assert json.loads(path.read_text()) == [
+        {"targets": [f"127.0.0.1:{port}"], "labels": {"sslfer_run": "sd-run"}}
+    ]
+    assert publish_targets(None, False) is None
+    t0 = time.monotonic()
+    m.close(path)
+    assert time.monotonic() - t0 >= 0.2 and not path.exists() and m._server is None
+
+
+def test_step_counters_without_losses_then_losses_on_log_steps():
+    m = TrainMetrics(MetricsConfig(port_base=0), rank=0, local_rank=0, run="split", node="n0")
+    for _ in range(3):
+        m.observe_step(
+            step_seconds=0.5, data_wait_seconds=0.1, allgather_seconds=0.02, clips=2, images=8, lr=0.1
+        )
+    text = generate_latest(m.registry).decode()
+    assert 'sslfer_steps_total{node="n0",rank="0",run="split"} 3.0' in text
+    assert 'sslfer_allgather_seconds_total{node="n0",rank="0",run="split"} 0.06' in text
+    assert "sslfer_loss{" not in text  # losses are set on logging steps only
+    m.set_losses(1.5, 1.0, 0.625, pick_rate=1.0, same_identity_rate=0.5)
+    text = generate_latest(m.registry).decode()
+    assert 'sslfer_loss{node="n0",rank="0",run="split",term="l2"} 0.625' in text
+    assert 'sslfer_maskfn_same_identity_rate{node="n0",rank="0",run="split"} 0.5' in text
+
+
+def test_metrics_config_errors_name_the_key():
+    from launch.configio import ConfigError
+
+    with pytest.raises(ConfigError, match="metrics.linger_s"):
+        MetricsConfig(linger_s=-1).validate()
+    with pytest.raises(ConfigError, match="metrics.run"):
+        MetricsConfig(run="a b").validate()
+
+
+def test_eval_pusher_survives_an_unreachable_gateway(capsys):
+    from eval.pushgateway import EvalPusher
+    from launch.services import free_port
+
+    pusher = EvalPusher(f"http://127.0.0.1:{free_port()}", "nogw", [("a", "expression", "d")])
+    pusher.cell_done(
+        type("Cell", (), {"checkpoint": "a", "task": "expression", "dataset": "d"})(), ValueError()
+    )
+    pusher.results({"a": {"expression": {"d": {"metrics": {"linear_macro_f1": {"mean": 0.5, "std": 0.1}}}}}})
+    err = capsys.readouterr().err
+    assert err.count("push failed") == 1  # warned once, never raised
+    text = generate_latest(pusher.registry).decode()
+    assert 'sslfer_eval_cells_failed{checkpoint="a",dataset="d",task="expression"} 1.0' in text
+    assert (
+        'sslfer_eval_metric{checkpoint="a",dataset="d",metric="linear_macro_f1",task="expression"} 0.5'
+        in text
+    )

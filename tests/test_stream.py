@@ -161,10 +161,13 @@ def test_short_shard_is_completed_and_counted():
     assert sum(s.counters["short_shard_repeats"] for s in streams) == 3
 
 
-def test_empty_shard_names_the_file():
-    shards = FakeShards([3, 3], short={1: 0})
-    with pytest.raises(StreamError, match="shard-000001.tar"):
-        list(make(shards))
+def test_empty_shard_is_replaced_and_counted_and_fatal_only_when_nothing_reads():
+    # An unreadable shard (e.g. a corrupt tar) fills its slots from the lane's other shards: never fatal...
+    stream = make(FakeShards([3, 3], short={1: 0}))
+    assert len(list(stream)) == 6 and stream.counters["unreadable_shard"] == 1
+    # ...unless no shard of the lane yields anything: then the error names the file.
+    with pytest.raises(StreamError, match="shard-00000[01].tar"):
+        list(make(FakeShards([3, 3], short={0: 0, 1: 0})))
 
 
 def test_too_few_shards_for_lanes():

@@ -1,0 +1,236 @@
+"""The paper's ablation grid on SynthFace: pretrain every variant with several seeds, evaluate, tabulate.
+
+    python -m launch.ablation --out runs/ablation [--seeds 0,1,2] [--steps 400] [--variants all]
+                              [--report docs/results/ablation.md]
+
+Steps (each a command the README documents, run here in sequence; re-running skips finished parts):
+1. SynthFace pretraining clips and a disjoint-identity evaluation set (local folders under --out);
+2. for each (variant, seed): ``deepspeed --num_gpus 2 launch/pretrain.py --config launch/configs/demo.yaml``
+   with the variant's overrides (same images per step for every variant);
+3. one ``python -m eval`` fan-out over all backbones;
+4. mean +- std over PRETRAINING seeds (each backbone's number is itself the mean over probe seeds) written as
+   Markdown with the exact commands, plus a bar plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The paper's grid (Table 1 of Shu et al. 2022), at equal images per step: SimCLR/TimeAug use 2 views of
+# 16 clips per rank, the hard-negative variants 4 views of 8 clips per rank.
+VARIANTS: dict[str, list[str]] = {
+    "simclr": [
+        "sampling.strategy=simclr",
+        "sampling.hard_negatives=false",
+        "faceswap.enabled=false",
+        "loss.fn_mode=none",
+        "data.batch_clips=16",
+    ],
+    "timeaug": [
+        "sampling.strategy=timeaug",
+        "sampling.hard_negatives=false",
+        "faceswap.enabled=false",
+        "loss.fn_mode=none",
+        "data.batch_clips=16",
+    ],
+    "timeaug+hardneg": ["sampling.hard_negatives=true", "faceswap.enabled=false", "loss.fn_mode=none"],
+    "timeaug+hardneg+faceswap": [
+        "sampling.hard_negatives=true",
+        "faceswap.enabled=true",
+        "loss.fn_mode=none",
+    ],
+    "timeaug+hardneg+maskfn": ["sampling.hard_negatives=true", "faceswap.enabled=false", "loss.fn_mode=pick"],
+    "all four (SSL-FER)": ["sampling.hard_negatives=true", "faceswap.enabled=true", "loss.fn_mode=pick"],
+}
+COLUMNS = [
+    ("expression", "linear_macro_f1", "expr macro-F1", 100),
+    ("expression", "linear_accuracy", "expr acc", 100),
+    ("va", "ccc_valence", "V CCC", 1),
+    ("va", "ccc_arousal", "A CCC", 1),
+    ("identity", "id_1nn_accuracy", "ID 1-NN acc", 100),
+    ("identity", "verification_auc", "ID ver AUC", 1),
+]
+
+
+def slug(variant: str) -> str:
+    return variant.split(" ")[0].replace("+", "-")
+
+
+def run(cmd: list[str], log: Path | None = None) -> None:
+    print("$ " + shlex.join(cmd), flush=True)
+    if log is None:
+        subprocess.run(cmd, check=True, cwd=REPO)
+        return
+    with open(log, "w") as handle:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"command failed ({proc.returncode}), log {log}:\n{tail}")
+
+
+def build_data(out: Path, args) -> tuple[Path, Path]:
+    pre, ev = out / "data" / "pretrain", out / "data" / "eval"
+    py = sys.executable
+    if not (pre / "manifest.json").exists():
+        run([py, "-m", "data_shards", "synth", "--out", str(pre), "--identities", str(args.identities),
+             "--clips-per-identity", "4", "--seconds", "12", "--seed", "0", "--shard-samples", "12",
+             "--no-progress"])  # fmt: skip
+    if not (ev / "manifest.json").exists():
+        run([py, "-m", "data_shards", "evalset", "--source", "synth", "--out", str(ev), "--identities",
+             str(args.eval_identities), "--clips-per-identity", "4", "--seconds", "12", "--frames-per-clip", "8",
+             "--seed", "0", "--no-progress"])  # fmt: skip
+    return pre, ev
+
+
+def pretrain_cmd(variant: str, seed: int, run_dir: Path, data: Path, steps: int) -> list[str]:
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return [
+        deepspeed, "--num_gpus", "2", "launch/pretrain.py", "--config", "launch/configs/demo.yaml",
+        f"run_dir={run_dir}", f"data.url={data}", f"max_steps={steps}", f"seed={seed}", f"data.seed={seed}",
+        "resume=never", "log_every=50", f"checkpoint_every={steps}", *VARIANTS[variant],
+    ]  # fmt: skip
+
+
+def aggregate(results: dict, runs: dict[str, list[str]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    table: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for variant, names in runs.items():
+        row = {}
+        for task, metric, label, scale in COLUMNS:
+            values = []
+            for name in names:
+                cells = results["results"].get(name, {}).get(task, {})
+                for cell in cells.values():
+                    if metric in cell.get("metrics", {}):
+                        values.append(cell["metrics"][metric]["mean"] * scale)
+            if values:
+                row[label] = (float(np.mean(values)), float(np.std(values)), len(values))
+        table[variant] = row
+    return table
+
+
+def render(table, commands: list[str], wall_s: float, args, out: Path) -> str:
+    labels = [c[2] for c in COLUMNS]
+    lines = [
+        "# Ablation on SynthFace (Shu et al. 2022, Table 1 grid)",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m launch.ablation` on a "
+        f"{os.cpu_count()}-core CPU machine (no GPU); wall time {wall_s / 60:.1f} min.",
+        f"Pretraining: ResNet-18 (width 16), 64 px crops, {args.steps} steps, 2 CPU ranks, 64 images per step, "
+        f"{args.identities} pretraining identities. Evaluation: {args.eval_identities} identities never seen in "
+        "pretraining; linear probes on frozen features. Mean +- std over pretraining seeds "
+        f"{args.seeds}; each seed's value is the mean over 3 probe seeds. Expression F1/accuracy and identity "
+        "accuracy in %; chance for 8 classes is 12.5%.",
+        "",
+        "| variant | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for variant, row in table.items():
+        cells = [f"{row[label][0]:.3f} ± {row[label][1]:.3f}" if label in row else "n/a" for label in labels]
+        cells = [c.replace(".000 ±", " ±") for c in cells]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Higher is better for expression and V/A; LOWER identity accuracy/AUC means less identity leakage.",
+        "",
+        "![ablation](ablation.png)",
+        "",
+        "## Commands",
+        "",
+        "```bash",
+        *commands,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(table, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [c[2] for c in COLUMNS]
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.6))
+    variants = list(table)
+    for ax, label in zip(axes, labels):
+        means = [table[v].get(label, (np.nan, 0, 0))[0] for v in variants]
+        stds = [table[v].get(label, (np.nan, 0, 0))[1] for v in variants]
+        ax.bar(
+            range(len(variants)), means, yerr=stds, capsize=3, color=plt.cm.tab10(np.arange(len(variants)))
+        )
+        ax.set_xticks(range(len(variants)), [slug(v) for v in variants], rotation=60, ha="right", fontsize=7)
+        ax.set_title(label, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--identities", type=int, default=48)
+    parser.add_argument("--eval-identities", type=int, default=40)
+    parser.add_argument("--variants", default="all", help="comma-separated slugs, or all")
+    parser.add_argument("--report", default="docs/results/ablation.md")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = list(VARIANTS) if args.variants == "all" else [v for v in VARIANTS if slug(v) in args.variants]
+    out = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    started = time.monotonic()
+    pre, ev = build_data(out, args)
+    commands = [
+        f"python -m data_shards synth --out {pre.relative_to(REPO)} --identities {args.identities} "
+        "--clips-per-identity 4 --seconds 12 --seed 0 --shard-samples 12",
+        f"python -m data_shards evalset --source synth --out {ev.relative_to(REPO)} --identities "
+        f"{args.eval_identities} --clips-per-identity 4 --seconds 12 --frames-per-clip 8 --seed 0",
+    ]
+    runs: dict[str, list[str]] = {}
+    checkpoints = []
+    for variant in variants:
+        for seed in seeds:
+            name = f"{slug(variant)}-s{seed}"
+            run_dir = out / name
+            cmd = pretrain_cmd(variant, seed, run_dir, pre, args.steps)
+            commands.append(shlex.join(["deepspeed", *cmd[1:]]).replace(str(REPO) + "/", ""))
+            if not (run_dir / "backbone.pt").exists():
+                run(cmd, log=out / f"{name}.log")
+            runs.setdefault(variant, []).append(name)
+            checkpoints.append(str(run_dir / "backbone.pt"))
+    eval_out = out / "eval"
+    eval_cmd = [sys.executable, "-m", "eval", "--checkpoint", ",".join(checkpoints), "--data", str(ev),
+                "--tasks", "expression,va,identity", "--seeds", "3", "--out", str(eval_out), "--no-progress"]  # fmt: skip
+    commands.append(
+        "python -m eval --checkpoint <the backbones above, comma-separated> "
+        f"--data {ev.relative_to(REPO)} --tasks expression,va,identity --seeds 3 --out {eval_out.relative_to(REPO)}"
+    )
+    run(eval_cmd, log=out / "eval.log")
+    results = json.loads((eval_out / "results.json").read_text())
+    table = aggregate(results, runs)
+    report = REPO / args.report
+    report.parent.mkdir(parents=True, exist_ok=True)
+    plot(table, report.with_suffix(".png"))
+    report.write_text(render(table, commands, time.monotonic() - started, args, out))
+    (out / "ablation.json").write_text(json.dumps(table, indent=2))
+    print(report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""``data.pipeline=torchvision``: the plain baseline - per-sample PIL + torchvision transforms in a torch DataLoader.
+
+The same work as :class:`pretrain.batches.BatchPipeline`, done the way a typical PyTorch project does it, so
+the benchmark has an honest reference and users have a fallback that needs nothing beyond torchvision:
+
+* the same :class:`pretrain.stream.ClipStream`, frame sampler and clip groups (the reader runs in the main
+  process as the DataLoader's *sampler*: each "index" it yields is one clip group with its JPEG bytes);
+* DataLoader workers (``data.num_workers`` processes, ``batch_size=None``) turn a group into a batch, one image
+  at a time: PIL decode -> FaceSwap of each positive (P, NP) with probability ``faceswap.p`` onto a donor row of
+  another identity, with the per-sample NumPy/SciPy recipe :func:`pretrain.faceswap.face_swap_reference` (what
+  the original code did with OpenCV) -> landmark-ellipse mask drawn with PIL and filled with the image mean ->
+  ``Resize`` / ``RandomCrop`` / ``RandomHorizontalFlip`` / ``ColorJitter`` (always for the first family when
+  ``augment.jitter_always_first_family``) / ``GaussianBlur`` / ``RandomGrayscale`` / ``ToTensor`` /
+  ``Normalize``, family "first" on A/NA and "second" on P/NP;
+* the main process adds the mouth-eye descriptors (from the unswapped frames, as the other paths).
+
+Differences from the batched paths (same distributions, different pixels): torchvision's hue jitter rotates
+in HSV (the torch and DALI paths use YIQ), its contrast pivots on the grey mean, and its blur kernel size is
+fixed at ``2 * ceil(3 * sigma_max) + 1``.
+
+Determinism and resume: each batch seeds ``torch``, ``random`` and NumPy from ``(seed, epoch, rank, batch)``
+before its per-sample draws, so a batch does not depend on which worker made it, and the DataLoader returns
+batches in order; the pipeline state is the stream position after the last batch the trainer consumed (as
+in the torch path). A resumed run reproduces the uninterrupted one exactly. Skip counts made in the workers
+(corrupt JPEGs) travel back with each batch and are added to :meth:`skipped_counts` in the main process.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from pretrain.augment import MASK_REGIONS, AugmentConfig
+from pretrain.batches import Batch, BatchPipeline, _ClipGroup, device_seed, identity_code
+from pretrain.faceswap import FaceSwapConfig, face_swap_reference
+
+
+class TorchvisionViews:
+    """Per-image torchvision transforms for the two view families, plus the PIL landmark mask."""
+
+    def __init__(self, cfg: AugmentConfig):
+        from torchvision import transforms as T
+
+        self.cfg = cfg
+        b, c, s, h = cfg.jitter
+        jitter = T.ColorJitter(b, c, s, h)
+        blur = T.RandomApply(
+            [T.GaussianBlur(2 * int(np.ceil(3 * cfg.blur_sigma[1])) + 1, cfg.blur_sigma)], p=cfg.blur_p
+        )
+        head = [T.Resize(cfg.resize), T.RandomCrop(cfg.crop), T.RandomHorizontalFlip(cfg.flip_p)]
+        tail = [T.RandomGrayscale(cfg.gray_p), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+        first_jitter = jitter if cfg.jitter_always_first_family else T.RandomApply([jitter], p=cfg.jitter_p)
+        self.first = T.Compose([*head, first_jitter, blur, *tail])
+        self.second = T.Compose([*head, T.RandomApply([jitter], p=cfg.jitter_p), blur, *tail])
+
+    def mask(self, image: Image.Image, landmarks: np.ndarray, rng: np.random.Generator) -> Image.Image:
+        cfg = self.cfg
+        if rng.random() >= cfg.mask_p:
+            return image
+        pts = landmarks[list(MASK_REGIONS[int(rng.integers(len(MASK_REGIONS)))])]
+        lo, hi = pts.min(0), pts.max(0)
+        centre, half = (lo + hi) / 2, np.maximum((hi - lo) / 2 * cfg.mask_scale, 1.0)
+        half[1] = max(half[1], half[0] * cfg.mask_min_aspect)
+        mean = tuple(int(v) for v in np.asarray(image).reshape(-1, 3).mean(0))
+        image = image.copy()
+        ImageDraw.Draw(image).ellipse([*(centre - half), *(centre + half)], fill=mean)
+        return image
+
+    def __call__(self, image: Image.Image, landmarks: np.ndarray, family: str, rng) -> torch.Tensor:
+        image = self.mask(image, landmarks, rng)
+        return (self.first if family == "first" else self.second)(image)
+
+
+class _GroupSampler:
+    """The DataLoader's sampler: clip groups from the pipeline's reader; remembers each group's stream state."""
+
+    def __init__(self, groups, states: dict[tuple[int, int], Any]):
+        self.groups, self.states = groups, states
+
+    def __iter__(self):
+        for group, state in self.groups:
+            self.states[(group.epoch, group.index)] = state
+            yield group
+
+
+class _GroupToBatch(torch.utils.data.Dataset):
+    """Runs in the DataLoader workers: one clip group -> one batch of views, per sample."""
+
+    def __init__(self, cfg, rank: int, rows_per_clip: int, layout: str):
+        self.cfg, self.rank, self.rows_per_clip, self.layout = cfg, rank, rows_per_clip, layout
+        self.size = cfg.data.image_size
+        self.views = TorchvisionViews(cfg.augment)
+        self.swap_cfg: FaceSwapConfig | None = cfg.faceswap if cfg.faceswap.enabled else None
+
+    def _decode(self, jpeg: bytes) -> Image.Image:
+        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.BILINEAR)
+        return image
+
+    def __getitem__(self, group: _ClipGroup) -> dict[str, Any]:
+        seed = device_seed(self.cfg.seed, group.epoch, self.rank, group.index)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        rng = np.random.default_rng(seed)
+        b = len(group.samples)
+        skips: Counter[str] = Counter()
+        pil: list[Image.Image | None] = []
+        landmarks = []
+        for block in range(self.rows_per_clip):
+            for sample, choice in zip(group.samples, group.choices):
+                pos, meta = choice[block], sample["meta"]
+                try:
+                    pil.append(self._decode(sample["frames"][pos]))
+                except (OSError, ValueError, SyntaxError):
+                    pil.append(None)
+                scale = self.size / float(meta.get("size") or self.size)
+                landmarks.append(np.asarray(meta["landmarks"][pos], dtype=np.float32) * scale)
+        good = [i for i, im in enumerate(pil) if im is not None]
+        if not good:
+            raise RuntimeError(f"every JPEG of a batch failed to decode ({len(pil)} images)")
+        for i, im in enumerate(pil):
+            if im is None:  # as the torch path: another decoded frame of the same clip
+                skips["corrupt_jpeg"] += 1
+                same_clip = [j for j in good if j % b == i % b]
+                pil[i] = pil[(same_clip or good)[0]]
+        n = len(pil)
+        half = n // 2
+        identity = np.array([identity_code(s["meta"].get("identity_id", s["key"])) for s in group.samples])
+        row_identity = np.tile(identity, self.rows_per_clip)
+        sources = [np.asarray(im) for im in pil]  # unswapped uint8 frames (descriptors, donors)
+        swapped = np.zeros(n, dtype=bool)
+        faces, face_landmarks = list(pil), list(landmarks)
+        if self.swap_cfg is not None:
+            for i in range(half, n):  # positives (P, NP), one at a time
+                donors = np.flatnonzero(row_identity != row_identity[i])
+                if rng.random() >= self.swap_cfg.p or donors.size == 0:
+                    continue
+                d = int(rng.choice(donors))
+                out, out_lm, _ = face_swap_reference(
+                    sources[i].astype(np.float64), landmarks[i].astype(np.float64),
+                    sources[d].astype(np.float64), landmarks[d].astype(np.float64), self.swap_cfg,
+                )  # fmt: skip
+                faces[i] = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+                face_landmarks[i] = out_lm.astype(np.float32)
+                swapped[i] = True
+        views = torch.stack(
+            [
+                self.views(faces[i], face_landmarks[i], "first" if i < half else "second", rng)
+                for i in range(n)
+            ]
+        )
+        return {
+            "views": views,
+            "images": torch.from_numpy(np.stack(sources)).permute(0, 3, 1, 2).contiguous(),
+            "landmarks": torch.from_numpy(np.stack(landmarks)),
+            "identity": torch.from_numpy(row_identity).long(),
+            "swapped": torch.from_numpy(swapped),
+            "epoch": group.epoch,
+            "index": group.index,
+            "skips": dict(skips),
+        }
+
+
+class TorchvisionBatchPipeline(BatchPipeline):
+    """:class:`BatchPipeline`'s interface and stream, with the per-sample torchvision DataLoader inside."""
+
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device | str = "cpu"):
+        super().__init__(cfg, rank, world_size, device)
+        self._loader_iter = None
+
+    def __iter__(self):
+        self.close()
+        states: dict[tuple[int, int], Any] = {}
+        groups = self._groups(self._epoch, self._index, self._stream_state)
+        workers = self.data.num_workers
+        loader = torch.utils.data.DataLoader(
+            _GroupToBatch(self.cfg, self.rank, self.rows_per_clip, self.layout),
+            sampler=_GroupSampler(groups, states),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=max(1, self.data.prefetch // max(1, workers)) if workers else None,
+            pin_memory=self.device.type == "cuda",
+        )
+        self._loader_iter = it = iter(loader)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = next(it)
+                wait_s = time.perf_counter() - t0
+                batch = self._finish_item(item, wait_s)
+                epoch, index = item["epoch"], item["index"]
+                stream_state = states.pop((epoch, index))
+                self._epoch, self._index = epoch, index + 1
+                if self._index >= self.steps_in_epoch(epoch):
+                    self._epoch, self._index, stream_state = epoch + 1, 0, None
+                self._stream_state = stream_state
+                yield batch
+        finally:
+            self.close()
+
+    def _finish_item(self, item: dict[str, Any], wait_s: float) -> Batch:
+        for reason, count in item["skips"].items():
+            for _ in range(count):
+                self.skips(reason, "row of a batch: replaced by another frame of the same clip")
+        device = self.device
+        views = item["views"].to(device, non_blocking=True)
+        if self.cfg.augment.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        descriptors = None
+        if self.descriptor is not None:
+            with torch.no_grad():
+                descriptors = self.descriptor(item["images"].to(device), item["landmarks"].to(device))
+        return Batch(
+            images=views,
+            positive_index=self.positive_index,
+            group_id=self.group_id,
+            identity=item["identity"].to(device),
+            descriptors=descriptors,
+            swapped=item["swapped"].to(device),
+            clips=self.data.batch_clips,
+            epoch=int(item["epoch"]),
+            index=int(item["index"]),
+            wait_s=wait_s,
+        )
+
+    def close(self) -> None:
+        it, self._loader_iter = getattr(self, "_loader_iter", None), None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        super().close()
