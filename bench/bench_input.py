@@ -271,6 +271,30 @@ class DetectingPipeline:
         return pipe
 
 
+def bench_local_vs_s3(local_rate: float, args, threads: int, tmp: Path) -> None:
+    """The same full torch input path reading its shards from the real local S3 store (SeaweedFS)."""
+    from launch.services import ObjectStore
+    from pretrain.batches import make_batch_pipeline
+
+    with ObjectStore(data_dir=tmp / "store") as store:
+        saved = {k: os.environ.get(k) for k in store.env()}
+        os.environ.update(store.env())
+        try:
+            url = make_shards(store.url("bench/clips"), 2 * args.clips)
+            cfg = _pipeline_cfg(url, "torch", args.clips, threads)
+            s3_rate = bench_full(make_batch_pipeline(cfg, 0, 1, "cpu"), args.full_batches)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    print(
+        f"\nshards from local disk vs the local S3 store (torch path, {threads} threads), images/s: "
+        f"local {local_rate:.0f}, S3 {s3_rate:.0f} -> S3/local {s3_rate / local_rate:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=512)
@@ -338,6 +362,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         cfg = _pipeline_cfg(url, "torch", args.clips, threads)
         shard_json = bench_full(make_batch_pipeline(cfg, 0, 1, "cpu"), args.full_batches)
+        bench_local_vs_s3(shard_json, args, threads, Path(tmp))
         try:
             detecting = DetectingPipeline.build(cfg)
         except Exception as err:  # noqa: BLE001 - dlib or its model missing: say so, do not fail the bench

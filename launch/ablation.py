@@ -135,13 +135,20 @@ def render(table, commands: list[str], wall_s: float, args, out: Path) -> str:
         "| variant | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),
     ]
+    scales = {c[2]: c[3] for c in COLUMNS}
     for variant, row in table.items():
-        cells = [f"{row[label][0]:.3f} ± {row[label][1]:.3f}" if label in row else "n/a" for label in labels]
-        cells = [c.replace(".000 ±", " ±") for c in cells]
+        cells = []
+        for label in labels:
+            if label not in row:
+                cells.append("n/a")
+                continue
+            digits = 1 if scales[label] == 100 else 3  # percentages vs CCC/AUC
+            cells.append(f"{row[label][0]:.{digits}f} ± {row[label][1]:.{digits}f}")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Higher is better for expression and V/A; LOWER identity accuracy/AUC means less identity leakage.",
+        "What these numbers do and do not show, and why: [FINDINGS.md](FINDINGS.md).",
         "",
         "![ablation](ablation.png)",
         "",
@@ -186,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-identities", type=int, default=40)
     parser.add_argument("--variants", default="all", help="comma-separated slugs, or all")
     parser.add_argument("--report", default="docs/results/ablation.md")
+    parser.add_argument(
+        "--report-only", action="store_true", help="re-render the report from an earlier run's results"
+    )
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = list(VARIANTS) if args.variants == "all" else [v for v in VARIANTS if slug(v) in args.variants]
@@ -220,13 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         "python -m eval --checkpoint <the backbones above, comma-separated> "
         f"--data {ev.relative_to(REPO)} --tasks expression,va,identity --seeds 3 --out {eval_out.relative_to(REPO)}"
     )
-    run(eval_cmd, log=out / "eval.log")
+    if not (args.report_only and (eval_out / "results.json").exists()):
+        run(eval_cmd, log=out / "eval.log")
     results = json.loads((eval_out / "results.json").read_text())
     table = aggregate(results, runs)
     report = REPO / args.report
     report.parent.mkdir(parents=True, exist_ok=True)
     plot(table, report.with_suffix(".png"))
-    report.write_text(render(table, commands, time.monotonic() - started, args, out))
+    wall_path = out / "wall_s.txt"
+    if not args.report_only:
+        wall_path.write_text(f"{time.monotonic() - started:.0f}")
+    wall_s = float(wall_path.read_text()) if wall_path.exists() else time.monotonic() - started
+    report.write_text(render(table, commands, wall_s, args, out))
     (out / "ablation.json").write_text(json.dumps(table, indent=2))
     print(report.read_text())
     return 0
