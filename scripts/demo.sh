@@ -59,5 +59,4 @@ fi
 echo "[demo] 4/4 evaluation fan-out with Ray"
 python -m eval --checkpoint "$DEMO_DIR/simclr/backbone.pt,$DEMO_DIR/sslfer/backbone.pt" --data "$EVAL_URL" \
   --tasks expression,va,identity --seeds 3 --out "$DEMO_DIR/eval"
-cat "$DEMO_DIR/eval/results.md"
 echo "[demo] done: results in $DEMO_DIR/eval (results.json, results.md, plots)"
