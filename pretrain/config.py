@@ -28,6 +28,7 @@ class DataConfig(StreamConfig):
 
     url: str = "runs/data/synth-pretrain"  # clips dataset: folder or s3://bucket/prefix holding manifest.json
     batch_clips: int = 8  # clips per rank per step; images per rank = 4x (SSL-FER) or 2x (SimCLR)
+    global_batch_clips: int | None = None  # clips per step over ALL ranks; set: split evenly into batch_clips
     num_workers: int = 2  # background threads preparing batches (JPEG decode on the CPU path); 0: inline
     prefetch: int = 4  # batches prepared ahead of the training step
     decode: Literal["auto", "device", "cpu"] = "auto"  # where JPEGs are decoded (auto: nvjpeg on CUDA)
@@ -164,3 +165,22 @@ class PretrainConfig:
     def layout(self) -> str:
         """'quadruple' = [A, NA, P, NP] (hard negatives on), 'pair' = [A, P]."""
         return "quadruple" if getattr(self.sampling, "hard_negatives", False) else "pair"
+
+
+def resolve_global_batch(cfg: PretrainConfig, world_size: int) -> None:
+    """``data.global_batch_clips`` -> ``data.batch_clips`` per rank; it must divide evenly by the world size."""
+    total = cfg.data.global_batch_clips
+    if total is None:
+        return
+    if total % world_size:
+        lower, upper = total // world_size * world_size, -(-total // world_size) * world_size
+        raise ConfigError(
+            f"config key 'data.global_batch_clips': {total} clips cannot be split evenly over {world_size} ranks "
+            f"(use {lower or world_size} or {upper}, or set data.batch_clips per rank instead)"
+        )
+    if total // world_size < 2:
+        raise ConfigError(
+            f"config key 'data.global_batch_clips': {total} clips over {world_size} ranks leaves fewer than 2 "
+            "clips per rank (FaceSwap and negatives need other clips)"
+        )
+    cfg.data.batch_clips = total // world_size

@@ -25,7 +25,7 @@ from launch.ds_config import build_ds_config, lr_scheduler_factory
 from pretrain import distributed, faults
 from pretrain.batches import Batch, make_batch_pipeline
 from pretrain.checkpoint import Checkpointer, StopSignal
-from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig, resolve_global_batch
 from pretrain.loss import DistributedInfoNCE, LossOutput
 from pretrain.model import ContrastiveEncoder, save_backbone
 
@@ -50,6 +50,7 @@ class Trainer:
         self.nonfinite_skipped = 0  # steps skipped for a NaN/inf loss (nan_policy=skip)
         faults.preflight(cfg)  # credentials, store retry policy, config vs manifest: before any rank waits
         self.init_distributed()
+        resolve_global_batch(cfg, self.world_size)  # data.global_batch_clips -> clips per rank
         self.build_data()
         self.build_model()
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.mirror_url)

@@ -102,3 +102,22 @@ def test_config_reference_is_current_and_complete():
     assert len(rows) > 80
     undocumented = [row.split("|")[1].strip() for row in rows if row.rstrip().endswith("|  |")]
     assert not undocumented, f"config keys without a meaning: {undocumented}"
+
+
+def test_global_batch_splits_evenly_or_names_the_key():
+    from pretrain.config import PretrainConfig, resolve_global_batch
+
+    cfg = load_config(PretrainConfig, None, ["data.global_batch_clips=64"])
+    resolve_global_batch(cfg, world_size=8)
+    assert cfg.data.batch_clips == 8
+    cfg = load_config(PretrainConfig, None, ["data.global_batch_clips=64"])
+    with pytest.raises(
+        ConfigError, match=r"'data.global_batch_clips': 64 clips cannot be split evenly over 3 ranks"
+    ):
+        resolve_global_batch(cfg, world_size=3)
+    cfg = load_config(PretrainConfig, None, ["data.global_batch_clips=4"])
+    with pytest.raises(ConfigError, match="fewer than 2"):
+        resolve_global_batch(cfg, world_size=4)
+    untouched = load_config(PretrainConfig, None, ["data.batch_clips=5"])
+    resolve_global_batch(untouched, world_size=3)
+    assert untouched.data.batch_clips == 5

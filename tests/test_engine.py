@@ -167,10 +167,14 @@ def test_config_errors_name_the_key_and_paper_configs_load():
     ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(PretrainConfig, SMOKE, bad)
-    # The paper configs: 512 images per step on the documented 8 GPUs.
+    # The paper configs: 512 images per step on 1, 4 or 8 GPUs (data.global_batch_clips split per rank).
+    from pretrain.config import resolve_global_batch
+
     for name, rows in (("sslfer", 4), ("simclr", 2)):
-        cfg = load_config(PretrainConfig, REPO / f"launch/configs/{name}.yaml")
-        assert cfg.data.batch_clips * rows * 8 == 512
+        for gpus in (1, 4, 8):
+            cfg = load_config(PretrainConfig, REPO / f"launch/configs/{name}.yaml")
+            resolve_global_batch(cfg, gpus)
+            assert cfg.data.batch_clips * rows * gpus == 512
         assert cfg.model.arch == "resnet50" and cfg.augment.crop == 112 and cfg.precision == "bf16"
         assert cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.weight_decay == pytest.approx(1e-4)
         assert cfg.loss.temperature == pytest.approx(0.07) and cfg.model.channels_last
