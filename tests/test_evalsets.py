@@ -185,9 +185,6 @@ def test_cli_reports_a_bad_layout_in_one_line(tmp_path):
 
 
 def test_synth_evalset(tmp_path):
-    synth = pytest.importorskip("data_shards.synth")
-    if not hasattr(synth, "iter_eval_frames"):
-        pytest.skip("data_shards.synth does not export iter_eval_frames yet")
     out = str(tmp_path / "synth")
     cfg = EvalsetConfig(
         source="synth", out=out, identities=2, clips_per_identity=1, seconds=1.0, frames_per_clip=2

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import subprocess
 import sys
 import tarfile
@@ -22,22 +21,12 @@ import torch
 
 from data_shards import store
 from launch.configio import load_config
+from tests.helpers import TINY_OVERRIDES, launcher_env
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "launch/configs/smoke.yaml"
 PIPELINES = ("torch", "dali", "torchvision")
-TINY = [
-    "data.image_size=64",
-    "augment.resize=64",
-    "augment.crop=48",
-    "model.width=8",
-    "model.projector_dims=[32,16]",
-    "data.batch_clips=2",
-    "data.shuffle_buffer=4",
-    "data.num_workers=1",
-    "data.prefetch=2",
-    "device=cpu",
-]
+TINY = [*TINY_OVERRIDES, "data.num_workers=1", "data.prefetch=2"]
 
 
 def _clips(identities: int = 4, clips_per_identity: int = 2):
@@ -141,7 +130,6 @@ def _take(pipe, n: int):
 
 def test_pipelines_share_layout_shapes_and_clips(good_url):
     """All three pipelines: same Batch fields, shapes, layout, and the same clips in the same batches."""
-    pytest.importorskip("nvidia.dali")
     from pretrain.batches import make_batch_pipeline
 
     out = {}
@@ -185,7 +173,6 @@ def test_torchvision_pipeline_resumes_exactly(good_url):
 
 
 def test_dali_pipeline_resumes_the_same_clips(good_url):
-    pytest.importorskip("nvidia.dali")
     from pretrain.batches import make_batch_pipeline
 
     cfg = _cfg(good_url, "data.pipeline=dali")
@@ -213,8 +200,6 @@ def test_config_rejects_an_unknown_pipeline(good_url):
 
 @pytest.mark.parametrize("kind", PIPELINES)
 def test_faulty_input_is_skipped_counted_and_never_fatal(faulty_url, kind, caplog):
-    if kind == "dali":
-        pytest.importorskip("nvidia.dali")
     from pretrain.batches import make_batch_pipeline
 
     cfg = _cfg(faulty_url, f"data.pipeline={kind}", "sampling.short_clip_policy=skip")
@@ -242,8 +227,6 @@ def test_faulty_input_is_skipped_counted_and_never_fatal(faulty_url, kind, caplo
 
 @pytest.mark.parametrize("kind", PIPELINES)
 def test_corrupt_jpeg_rows_are_replaced_and_counted(tmp_path, clips, kind):
-    if kind == "dali":
-        pytest.importorskip("nvidia.dali")
     from data_shards.write import encode_jpeg
     from pretrain.batches import make_batch_pipeline
 
@@ -362,9 +345,7 @@ for kind in ("torch", "dali", "torchvision"):
 
 
 def test_engine_trains_with_each_pipeline(good_url, tmp_path):
-    pytest.importorskip("nvidia.dali")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO),
-               TORCH_EXTENSIONS_DIR=str(REPO / ".cache/torch_extensions"))  # fmt: skip
+    env = launcher_env()
     proc = subprocess.run(
         [sys.executable, "-c", ENGINE_SCRIPT, good_url, str(tmp_path), json.dumps(TINY)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240,

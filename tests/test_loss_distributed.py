@@ -33,8 +33,7 @@ def _command(launcher: str, port: int) -> list[str]:
 @pytest.mark.integration
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_ranks_match_single_process(tmp_path, launcher):
-    if not (Path(sys.executable).parent / launcher).exists():
-        pytest.skip(f"{launcher} is not installed in this environment")
+    assert (Path(sys.executable).parent / launcher).exists(), f"{launcher} missing: run `make setup`"
     env = dict(
         os.environ, OUT_DIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu"
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,17 +22,15 @@ from pathlib import Path
 import pytest
 
 from launch.services import PrometheusServer
+from tests.helpers import TINY_OVERRIDES, launcher_env
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus: 'make setup' as root"),
-]
+# A missing Prometheus/Pushgateway binary fails loudly (ServiceError naming `make setup`), never skips.
+pytestmark = [pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SMOKE = "launch/configs/smoke.yaml"
-TINY = ["data.image_size=64", "augment.resize=64", "augment.crop=48", "model.width=8",
-        "model.projector_dims=[32,16]", "data.batch_clips=2", "data.shuffle_buffer=4", "device=cpu"]  # fmt: skip
+TINY = TINY_OVERRIDES
 WINDOW_S = 12
 TRAIN_S = 20
 
@@ -48,21 +45,6 @@ def write_clips(url: Path) -> str:
         for clip in iter_clips(cfg):
             w.write_clip(clip)
     return str(url)
-
-
-def run_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-        TORCH_EXTENSIONS_DIR=str(REPO / ".cache/torch_extensions"),
-        PYTHONPATH=str(REPO),
-        PYTHONUNBUFFERED="1",
-    )
-    # PATH is left alone: the launcher is called by its full path and the ranks use its interpreter. (Putting
-    # .venv/bin first would switch torch's extension build from /usr/bin/ninja 1.11 to the venv's ninja 1.13,
-    # whose different command hashes make every switch rebuild the shared shm_comm op: minutes on 2 cores.)
-    return env
 
 
 def query_at(prom: PrometheusServer, promql: str, at: float) -> list[dict]:
@@ -117,7 +99,12 @@ def test_prometheus_rate_agrees_with_trainer_log(tmp_path):
         log_path = tmp_path / "train.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                cmd, cwd=REPO, env=run_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                cwd=REPO,
+                env=launcher_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         try:
             # Training has started when both ranks' series are in Prometheus.
@@ -171,7 +158,6 @@ def test_prometheus_rate_agrees_with_trainer_log(tmp_path):
     assert not (targets / f"{run}.json").exists()
 
 
-@pytest.mark.skipif(shutil.which("prometheus-pushgateway") is None, reason="'make setup' as root")
 def test_eval_pushes_progress_and_results_to_pushgateway(tmp_path):
     """``python -m eval --pushgateway URL`` against the real Pushgateway: cells done/total and metric means."""
     import torch

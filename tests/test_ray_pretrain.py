@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,9 @@ import pytest
 
 from launch.configio import ConfigError
 from launch.services import PrometheusServer
-from tests.test_metrics_integration import SMOKE, TINY, run_env, write_clips
+from tests.helpers import TINY_OVERRIDES as TINY
+from tests.helpers import launcher_env as run_env
+from tests.test_metrics_integration import SMOKE, write_clips
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,6 @@ def test_prepare_config_makes_paths_absolute_and_checks_devices(tmp_path, monkey
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus: 'make setup' as root")
 def test_ray_job_trains_checkpoints_and_is_scraped(tmp_path, monkeypatch):
     from launch.ray_head import RayHead
     from launch.ray_submit import submit_and_wait

@@ -20,22 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TINY_OVERRIDES, launcher_env
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SMOKE = "launch/configs/smoke.yaml"
-# Tiny and fast (as tests/test_engine.py): 64 px frames, 48 px crops, an 8-wide ResNet-18, 2 clips per rank.
-TINY = [
-    "data.image_size=64",
-    "augment.resize=64",
-    "augment.crop=48",
-    "model.width=8",
-    "model.projector_dims=[32,16]",
-    "data.batch_clips=2",
-    "data.shuffle_buffer=4",
-    "data.num_workers=1",
-    "device=cpu",
-    "log_every=1",
-]
+TINY = [*TINY_OVERRIDES, "data.num_workers=1", "log_every=1"]
 
 _RECORDS: list[dict] = []
 
@@ -66,20 +56,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     )
 
 
-def env(**extra: str) -> dict[str, str]:
-    out = dict(os.environ)
-    out.update(
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".cache/torch_extensions"),
-        PYTHONPATH=str(REPO),
-        PYTHONUNBUFFERED="1",
-        PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-    )
-    for key in [k for k in out if k.startswith("SSLFER_INJECT_")]:
-        del out[key]
-    out.update(extra)
-    return out
+env = launcher_env
 
 
 def free_port() -> int:
