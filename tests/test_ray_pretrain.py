@@ -59,7 +59,7 @@ def test_ray_job_trains_checkpoints_and_is_scraped(tmp_path, monkeypatch):
         targets = tmp_path / "prom" / "targets"
         entry = ["python", "-m", "launch.ray_pretrain", "--config", SMOKE, "--num-workers", "2", *TINY,
                  f"data.url={data}", f"run_dir={run_dir}", "max_steps=8", "checkpoint_every=4", "log_every=2",
-                 "data.num_workers=1", "metrics.enabled=true", "metrics.port_base=0", "metrics.linger_s=3",
+                 "data.num_workers=1", "metrics.enabled=true", "metrics.port_base=0", "metrics.linger_s=10",
                  f"metrics.file_sd_dir={targets}"]  # fmt: skip
         out = io.StringIO()
         result: dict = {}
