@@ -8,6 +8,7 @@ most a few times per reason so a bad dataset cannot flood the log.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import re
@@ -18,12 +19,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+
 from data_shards import store
 from data_shards.manifest import MANIFEST_NAME, ManifestError, validate_manifest
 
 log = logging.getLogger(__name__)
 
 FRAME_NAME = re.compile(r"^(\d+)\.jpe?g$")
+# Clip shards keep per-frame landmarks in this member (float32 array (T, 68, 2) in .npy format) rather than in
+# the JSON; shards written before carry them as ``meta["landmarks"]`` lists, which readers still accept.
+LANDMARKS_MEMBER = "landmarks.npy"
 SkipHandler = Callable[[str, str], None]
 
 
@@ -88,6 +94,12 @@ def _sample_from_parts(key: str, parts: dict[str, bytes], handler: SkipHandler, 
     except (UnicodeDecodeError, ValueError) as err:
         handler("bad_json", f"{where} sample {key}: {err}")
         return None
+    if LANDMARKS_MEMBER in parts:
+        try:
+            meta["landmarks"] = _load_npy(parts[LANDMARKS_MEMBER])
+        except ValueError as err:
+            handler("bad_landmarks", f"{where} sample {key}: {LANDMARKS_MEMBER}: {err}")
+            return None
     if "jpg" in parts:
         return {"key": key, "jpeg": parts["jpg"], "meta": meta}
     numbered = []
@@ -107,10 +119,47 @@ def _sample_from_parts(key: str, parts: dict[str, bytes], handler: SkipHandler, 
     }
 
 
+def _load_npy(data: bytes) -> np.ndarray:
+    """A numeric array from .npy bytes (never pickles); ValueError if the bytes are not one."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, EOFError, ValueError) as err:
+        raise ValueError(f"not a readable .npy array ({err})") from err
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+        raise ValueError("not a numeric array")
+    return array
+
+
+class _EdgeReader:
+    """Passes reads through, keeping the first 512 bytes and the last 1024 seen (to spot a cut-short tar)."""
+
+    def __init__(self, raw) -> None:
+        self.raw, self.head, self.tail = raw, b"", b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if len(self.head) < 512:
+            self.head += data[: 512 - len(self.head)]
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def cut_at_block_boundary(self) -> bool:
+        """True if an uncompressed tar ended without its two zero end-of-archive blocks: tarfile takes a file
+        cut exactly between two members for a complete archive, so its last sample could be incomplete."""
+        if (
+            self.head[257:262] != b"ustar"
+        ):  # compressed (gzip/bz2/xz notice truncation themselves) or not a tar
+            return False
+        while self.read(1 << 16):  # the rest: end blocks and record padding (a few KiB)
+            pass
+        return self.tail != bytes(1024)
+
+
 def iter_tar_samples(stream, where: str, handler: SkipHandler) -> Iterator[dict[str, Any]]:
     """Samples from an open tar stream (members grouped by key = name up to the first dot)."""
     current_key: str | None = None
     parts: dict[str, bytes] = {}
+    stream = _EdgeReader(stream)
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -135,6 +184,9 @@ def iter_tar_samples(stream, where: str, handler: SkipHandler) -> Iterator[dict[
         # The sample being read when the tar broke may be incomplete: drop it, keep what came before.
         handler("truncated_tar", f"{where}: {type(err).__name__}: {err}")
         return
+    if stream.cut_at_block_boundary():
+        handler("truncated_tar", f"{where}: no end-of-archive blocks (cut short between two members)")
+        return  # the sample in progress may be missing members: drop it, as for any cut tar
     if current_key is not None:
         sample = _sample_from_parts(current_key, parts, handler, where)
         if sample is not None:

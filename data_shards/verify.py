@@ -10,6 +10,8 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from data_shards import store
 from data_shards.read import iter_tar_samples, read_manifest
 
@@ -81,7 +83,9 @@ def _decodes(jpeg: bytes) -> str | None:
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
-    """Shape of a nested list of numbers, or None if ragged/non-numeric."""
+    """Shape of a nested list of numbers (or a numeric array), or None if ragged/non-numeric."""
+    if isinstance(value, np.ndarray):
+        return tuple(value.shape) if value.dtype.kind in "fiu" else None
     if isinstance(value, int | float) and not isinstance(value, bool):
         return ()
     if not isinstance(value, list) or not value:

@@ -8,7 +8,9 @@ One :class:`BatchPipeline` per rank. Work is split where it runs best:
 * ``data.num_workers`` threads turn a batch into host data: the JPEG bytes in row order, or - on the CPU
   decode path - already decoded uint8 images (libjpeg releases the GIL, so threads decode in parallel);
 * the training thread finishes it on the device: nvjpeg decode (device path), FaceSwap on the positives,
-  augmentation family "first" on anchors and "second" on positives, mouth-eye descriptors for MaskFN.
+  augmentation family "first" on anchors and "second" on positives, mouth-eye descriptors for MaskFN. When the
+  device is the CPU, the worker threads finish their batch themselves (``finish_in_workers``): the work is CPU
+  work either way, and done there it overlaps the training step and spreads over the workers.
 
 Rows are ``[A, NA, P, NP]`` (``sampling.hard_negatives``) or ``[A, P]``; ``positive_index`` and ``group_id``
 come from :func:`pretrain.loss.batch_layout`, in local rows.
@@ -141,7 +143,7 @@ def validate_landmarks(meta: dict[str, Any], frames: int) -> str | None:
     raw = meta.get("landmarks")
     if raw is None:
         return "missing_landmarks"
-    try:
+    try:  # an array already when the shard stores landmarks.npy (cheap); lists from older JSON shards
         lm = np.asarray(raw, dtype=np.float32)
     except (TypeError, ValueError):
         return "bad_landmarks"
@@ -216,6 +218,9 @@ class BatchPipeline:
         self.decode_on_device = self.data.decode == "device" or (
             self.data.decode == "auto" and self.device.type == "cuda"
         )
+        # On a CPU device the "device side" is CPU work too: the worker threads do it, a batch each (torch ops
+        # release the GIL), so it overlaps the training step instead of running inside it.
+        self.finish_in_workers = self.device.type == "cpu"
         self.skips = SkipCounter(logger=log)  # counts by reason, rate-limited warnings
         self.counters = self.skips.counts
         check_dataset_access(self.data.url)  # wrong credentials / endpoint: a clear error before training
@@ -437,6 +442,11 @@ class BatchPipeline:
             wait_s=wait_s,
         )
 
+    def prepare_job(self, group: _ClipGroup) -> HostBatch | Batch:
+        """What a worker thread does with a clip group: host data, or the finished batch on a CPU device."""
+        host = self.prepare(group)
+        return self.finish(host) if self.finish_in_workers else host
+
     def _device_images(self, host: HostBatch) -> torch.Tensor:
         """uint8 (N, 3, S, S) on the device: decode here (device path) or move the threads' CPU decode."""
         if host.jpegs is not None:
@@ -456,13 +466,16 @@ class BatchPipeline:
         try:
             while True:
                 t0 = time.perf_counter()
-                host, stream_state = self._threads.get()
+                item, stream_state = self._threads.get()
                 wait_s = time.perf_counter() - t0
-                batch = self.finish(host, wait_s)
+                if isinstance(item, Batch):  # finished by a worker thread (CPU device)
+                    batch, batch.wait_s = item, wait_s
+                else:
+                    batch = self.finish(item, wait_s)
                 # Consumed: a checkpoint taken now resumes at the next batch.
-                self._epoch, self._index = host.epoch, host.index + 1
-                if self._index >= self.steps_in_epoch(host.epoch):
-                    self._epoch, self._index, stream_state = host.epoch + 1, 0, None
+                self._epoch, self._index = batch.epoch, batch.index + 1
+                if self._index >= self.steps_in_epoch(batch.epoch):
+                    self._epoch, self._index, stream_state = batch.epoch + 1, 0, None
                 self._stream_state = stream_state
                 yield batch
         finally:
@@ -485,6 +498,7 @@ class DaliBatchPipeline(BatchPipeline):
     def __init__(self, cfg, rank: int, world_size: int, device: torch.device | str = "cpu"):
         super().__init__(cfg, rank, world_size, device)
         self.decode_on_device = True  # the background threads hand over JPEG bytes; DALI decodes them
+        self.finish_in_workers = False  # one DALI pipeline per stage, fed from the training thread
         self.stages = None
 
     def _stages(self, host: HostBatch):
@@ -565,7 +579,7 @@ class _Prefetcher:
     def _read(self, groups) -> None:
         try:
             for group, state in groups:
-                future = self.pool.submit(self.pipeline.prepare, group)
+                future = self.pool.submit(self.pipeline.prepare_job, group)
                 while not self._stop.is_set():
                     try:
                         self.futures.put((future, state), timeout=0.1)
@@ -579,10 +593,10 @@ class _Prefetcher:
             failed.set_exception(err)
             self.futures.put((failed, None))
 
-    def get(self) -> tuple[HostBatch, Any]:
+    def get(self) -> tuple[HostBatch | Batch, Any]:
         if self.inline is not None:
             group, state = next(self.inline)
-            return self.pipeline.prepare(group), state
+            return self.pipeline.prepare_job(group), state
         future, state = self.futures.get()
         return future.result(), state
 

@@ -29,7 +29,7 @@ class DataConfig(StreamConfig):
     url: str = "runs/data/synth-pretrain"  # clips dataset: folder or s3://bucket/prefix holding manifest.json
     batch_clips: int = 8  # clips per rank per step; images per rank = 4x (SSL-FER) or 2x (SimCLR)
     global_batch_clips: int | None = None  # clips per step over ALL ranks; set: split evenly into batch_clips
-    num_workers: int = 2  # background threads preparing batches (JPEG decode on the CPU path); 0: inline
+    num_workers: int = 2  # background threads preparing batches (whole batches on a CPU device); 0: inline
     prefetch: int = 4  # batches prepared ahead of the training step
     decode: Literal["auto", "device", "cpu"] = "auto"  # where JPEGs are decoded (auto: nvjpeg on CUDA)
     image_size: int = 128  # frames are resized to this on decode if the shards hold another size

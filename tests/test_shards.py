@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from data_shards import store
 from data_shards.manifest import ManifestError
-from data_shards.read import SkipCounter, iter_samples, read_manifest, shard_urls
+from data_shards.read import SkipCounter, iter_samples, iter_tar_samples, read_manifest, shard_urls
 from data_shards.verify import verify
 from data_shards.write import ShardWriter, encode_jpeg
 
@@ -74,7 +76,17 @@ def check_roundtrip(url: str, clips: list[FakeClip]) -> None:
     samples = [s for u in shard_urls(url) for s in iter_samples(u)]
     assert [s["key"] for s in samples] == [c.key for c in clips]
     first = samples[0]
-    assert first["meta"] == json.loads(json.dumps(clips[0].meta))
+    meta = dict(first["meta"])
+    landmarks = meta.pop("landmarks")  # stored as landmarks.npy: float32 (T, 68, 2), not JSON
+    assert isinstance(landmarks, np.ndarray) and landmarks.dtype == np.float32
+    np.testing.assert_array_equal(landmarks, np.asarray(clips[0].meta["landmarks"], np.float32))
+    expected = {k: v for k, v in clips[0].meta.items() if k != "landmarks"}
+    assert meta == json.loads(json.dumps(expected))
+    with tarfile.open(fileobj=io.BytesIO(store.read_bytes(shard_urls(url)[0]))) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert f"{clips[0].key}.landmarks.npy" in names and f"{clips[0].key}.json" in names
+    assert all(not m.pax_headers for m in members)  # plain ustar headers: half the headers to parse
     assert first["frame_indices"] == [0, 5, 10, 10000]  # numeric order, not "10000" < "5"
     assert len(first["frames"]) == 4 and all(f[:2] == b"\xff\xd8" for f in first["frames"])
     assert verify(url).ok
@@ -300,3 +312,42 @@ def test_cli_store_errors_are_one_line(tmp_path, monkeypatch, capsys):
     blocker.write_text("x")
     assert main(["synth", "--out", str(blocker / "ds"), "--no-progress"]) == 2
     assert capsys.readouterr().err.startswith("error: cannot write to local destination")
+
+
+def _tar(samples: list[dict[str, bytes]]) -> io.BytesIO:
+    from webdataset import TarWriter
+
+    buffer = io.BytesIO()
+    with TarWriter(buffer, encoder=False) as tar:
+        for sample in samples:
+            tar.write(sample)
+    buffer.seek(0)
+    return buffer
+
+
+def test_landmarks_from_npy_member_json_lists_and_corrupt_npy():
+    """landmarks.npy is read as float32; older shards with JSON landmark lists still read; a corrupt .npy skips
+    that clip only, counted as bad_landmarks."""
+    lm = np.arange(2 * 68 * 2, dtype=np.float32).reshape(2, 68, 2) / 7
+    npy = io.BytesIO()
+    np.save(npy, lm)
+    jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+    frames = {"0000.jpg": jpeg, "0001.jpg": jpeg}
+    meta = json.dumps({"clip_id": "c"}).encode()
+    old_meta = json.dumps({"clip_id": "c", "landmarks": lm.tolist()}).encode()
+    skips = SkipCounter()
+    samples = list(
+        iter_tar_samples(
+            _tar([
+                {"__key__": "new", **frames, "json": meta, "landmarks.npy": npy.getvalue()},
+                {"__key__": "old", **frames, "json": old_meta},
+                {"__key__": "bad", **frames, "json": meta, "landmarks.npy": b"\x93NUMPY garbage"},
+            ]),
+            "mem.tar",
+            skips,
+        )
+    )  # fmt: skip
+    assert [s["key"] for s in samples] == ["new", "old"]
+    np.testing.assert_array_equal(samples[0]["meta"]["landmarks"], lm)
+    np.testing.assert_allclose(np.asarray(samples[1]["meta"]["landmarks"], np.float32), lm)
+    assert skips.as_dict() == {"bad_landmarks": 1}

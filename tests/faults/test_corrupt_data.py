@@ -9,6 +9,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.faults.conftest import metrics, record, run
@@ -44,25 +45,15 @@ def _edit(path: Path, fn) -> None:
     _write_tar(path, members)
 
 
-def _meta_edit(change):
-    def fn(i, ext, data):
-        if ext != "json":
-            return data
-        meta = json.loads(data)
-        out = change(i, meta)
-        return out if isinstance(out, bytes) else json.dumps(meta).encode()
-
-    return fn
-
-
 def make_corrupt_dataset(src: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
     for path in sorted(src.glob("shard-*.tar")):
         (dest / path.name).write_bytes(path.read_bytes())
     manifest = json.loads((src / "manifest.json").read_text())
-    # shard 0: cut in the middle (its complete samples stay usable)
+    # shard 0: cut in the middle (its complete samples stay usable), exactly at a 512-byte block boundary:
+    # the hard case, where tarfile itself sees a clean end
     raw = (dest / "shard-000000.tar").read_bytes()
-    (dest / "shard-000000.tar").write_bytes(raw[: len(raw) * 3 // 5])
+    (dest / "shard-000000.tar").write_bytes(raw[: len(raw) * 3 // 5 // 512 * 512])
     # shard 1: sample 0 keeps only its first two frames decodable; sample 1's JSON is not JSON
     _edit(
         dest / "shard-000001.tar",
@@ -72,14 +63,17 @@ def make_corrupt_dataset(src: Path, dest: Path) -> Path:
         ),
     )  # fmt: skip
 
-    # shard 2: sample 0 has no landmarks, sample 1 has landmarks of the wrong shape
-    def landmarks(i, meta):
+    # shard 2: sample 0 has no landmarks, sample 1 has landmarks of the wrong shape (5 points, not 68)
+    def landmarks(i, ext, data):
+        if ext != "landmarks.npy" or i > 1:
+            return data
         if i == 0:
-            meta.pop("landmarks")
-        elif i == 1:
-            meta["landmarks"] = [[[1.0, 2.0]] * 5] * len(meta["landmarks"])
+            return None  # member dropped
+        buffer = io.BytesIO()
+        np.save(buffer, np.load(io.BytesIO(data))[:, :5])
+        return buffer.getvalue()
 
-    _edit(dest / "shard-000002.tar", _meta_edit(landmarks))
+    _edit(dest / "shard-000002.tar", landmarks)
     # an empty shard (no samples at all), listed in the manifest
     _write_tar(dest / "shard-000004.tar", [])
     manifest["shards"].append(
