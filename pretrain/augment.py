@@ -102,6 +102,23 @@ class ViewParams:
     gray: torch.Tensor  # (N,) bool
     crop: int
 
+    @staticmethod
+    def cat(parts: list[ViewParams]) -> ViewParams:
+        """The rows of several draws (same scale and crop) as one."""
+        fields = (
+            "offset",
+            "flip",
+            "mask",
+            "mask_region",
+            "jitter",
+            "jitter_factors",
+            "blur",
+            "sigma",
+            "gray",
+        )
+        joined = {name: torch.cat([getattr(p, name) for p in parts]) for name in fields}
+        return ViewParams(scale=parts[0].scale, crop=parts[0].crop, **joined)
+
     def map_landmarks(self, landmarks: torch.Tensor) -> torch.Tensor:
         """Landmarks in input pixel coords (N, K, 2) -> pixel coords of the output crop."""
         sx, sy = self.scale

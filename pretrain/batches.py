@@ -32,8 +32,8 @@ decode and augmentation stages around the batched torch FaceSwap, see ``pretrain
 benchmark baseline and a fallback). All three read the same :class:`pretrain.stream.ClipStream`, draw frames with
 the same sampler and per-batch seeds, and yield the same :class:`Batch` layout; the engine only sees
 ``__iter__``, ``state_dict``/``load_state_dict``, ``steps_in_epoch``/``total_steps``, ``skipped_counts`` and
-``close``. Resume bound: ``torch`` and ``torchvision`` are exact (every draw is seeded per batch); ``dali`` resumes
-the same clips, frames, swaps and masks, but DALI's crop/flip/colour draws restart from a new seed.
+``close``. Resume is exact for all three: every random draw is seeded per batch (the DALI path feeds DALI the
+parameters torch drew, so for the same batch it uses the same crops, flips, masks and colour factors as ``torch``).
 
 **Faults** never stop training; each is counted by reason (cumulative, saved in the checkpoint, exported by the
 engine through :meth:`BatchPipeline.skipped_counts`) and logged at most a few times per reason:
@@ -66,7 +66,7 @@ import torch
 
 from data_shards import store
 from data_shards.read import SkipCounter, iter_samples
-from pretrain.augment import MASK_REGIONS, ViewAugmenter, ellipse_masks
+from pretrain.augment import ViewAugmenter, ViewParams, ellipse_masks
 from pretrain.decode import decode_jpegs_skipping
 from pretrain.faceswap import FaceSwap
 from pretrain.loss import batch_layout
@@ -498,19 +498,21 @@ class DaliBatchPipeline(BatchPipeline):
     def __init__(self, cfg, rank: int, world_size: int, device: torch.device | str = "cpu"):
         super().__init__(cfg, rank, world_size, device)
         self.decode_on_device = True  # the background threads hand over JPEG bytes; DALI decodes them
-        self.finish_in_workers = False  # one DALI pipeline per stage, fed from the training thread
-        self.stages = None
+        # DALI pipelines are not thread-safe: each thread that finishes batches builds its own pair of stages
+        # (on CUDA only the training thread; on the CPU every worker thread, one DALI thread each).
+        self._local = threading.local()
+        self.dali_threads = 1 if self.finish_in_workers else max(1, self.data.num_workers)
 
     def _stages(self, host: HostBatch):
-        if self.stages is None:
+        stages = getattr(self._local, "stages", None)
+        if stages is None:
             from pretrain.dali_pipeline import DaliStages
 
-            self.stages = DaliStages(
+            stages = self._local.stages = DaliStages(
                 self.cfg.augment, self.device, self.data.batch_clips * self.rows_per_clip,
-                self.data.image_size, max(1, self.data.num_workers),
-                device_seed(self.cfg.seed, host.epoch, self.rank, host.index) & 0x7FFFFFFF,
+                self.data.image_size, self.dali_threads, seed=0,  # DALI draws nothing at random here
             )  # fmt: skip
-        return self.stages
+        return stages
 
     def _device_images(self, host: HostBatch) -> torch.Tensor:
         stages = self._stages(host)
@@ -534,28 +536,32 @@ class DaliBatchPipeline(BatchPipeline):
     def _views(self, anchors, anchor_landmarks, positives, positive_landmarks, gen) -> torch.Tensor:
         cfg = self.cfg.augment
         images = torch.cat([anchors, positives])
-        landmarks = torch.cat([anchor_landmarks, positive_landmarks]).float().cpu()
+        landmarks = torch.cat([anchor_landmarks, positive_landmarks]).float()
         n, size = images.shape[0], images.shape[-1]
-        # Mask coins and regions from the batch's seeded generator (as in the torch path), drawn on the CPU.
-        coin = torch.rand(n, generator=gen, device=gen.device).cpu() < cfg.mask_p
-        region = torch.randint(0, len(MASK_REGIONS), (n,), generator=gen, device=gen.device).cpu()
-        masks = ellipse_masks(landmarks, region, size, size, cfg.mask_scale, cfg.mask_min_aspect)
-        masks &= coin[:, None, None]
+        # Every random parameter from the batch's seeded generator, in the torch path's order (anchors' family
+        # first, then the positives'): both paths draw the same crops, flips, masks and colour factors.
+        scale = (cfg.resize / size, cfg.resize / size)
+        params = ViewParams.cat(
+            [self.augment.draw_params(x.shape[0], family, gen, scale, "cpu")
+             for x, family in ((anchors, "first"), (positives, "second"))]
+        )  # fmt: skip
+        region = params.mask_region.to(images.device)
+        masks = ellipse_masks(
+            landmarks.to(images.device), region, size, size, cfg.mask_scale, cfg.mask_min_aspect
+        )
+        masks &= params.mask.to(images.device)[:, None, None]
         families = torch.zeros(n, dtype=torch.int32)
         families[anchors.shape[0] :] = 1
-        return self._stages_ready().augment(images, masks, families)
+        return self._stages_ready().augment(images, masks, families, params)
 
     def _stages_ready(self):
-        assert self.stages is not None  # built by _device_images of the same batch
-        return self.stages
-
-    def __iter__(self):
-        self.stages = None  # fresh DALI pipelines (and seed) per iterator: see the resume bound
-        yield from super().__iter__()
+        stages = getattr(self._local, "stages", None)
+        assert stages is not None  # built by _device_images of the same batch, in the same thread
+        return stages
 
     def close(self) -> None:
         super().close()
-        self.stages = None  # releases the DALI pipelines (and their device memory)
+        self._local = threading.local()  # releases the DALI pipelines (and their device memory)
 
 
 class _Prefetcher:

@@ -28,28 +28,35 @@ which DALI cannot call inside a graph without per-sample Python. So :class:`Dali
 
 1. *decode stage* (:func:`build_decode_pipeline`): ``external_source`` of the batch's JPEG bytes (all 4B rows in
    ``[A, NA, P, NP]`` order) -> ``fn.decoders.image`` (``"mixed"`` = nvjpeg on the GPU, ``"cpu"`` here) ->
-   ``fn.resize`` to ``data.image_size``; the output TensorList is copied into one torch uint8 (N, H, W, 3)
-   device tensor with the PyTorch plugin's ``feed_ndarray`` (on the current CUDA stream on GPU);
+   ``fn.resize`` to ``data.image_size`` for frames stored at another size (``fn.peek_image_shape`` of the
+   JPEG decides per sample; a same-size resize costs three times the decode); the output TensorList is
+   copied into one torch uint8 (N, H, W, 3) device tensor with the PyTorch plugin's ``feed_ndarray`` (on the current CUDA stream on GPU);
 2. *torch, on the device*: FaceSwap on the positive rows (P, NP) with donors from the whole decoded batch,
    the mouth-eye descriptors from the unswapped frames, and the landmark-ellipse masks of every row (from the
-   swapped landmarks for swapped rows) - each one batched call seeded by ``(seed, epoch, rank, batch)``;
+   swapped landmarks for swapped rows), filled with each image's mean colour by one ``torch.where`` (DALI's
+   CPU arithmetic ops took ~18 ms per 64-image batch for the same fill) - each one batched call seeded by
+   ``(seed, epoch, rank, batch)``;
 3. *augmentation stage* (:func:`build_dali_pipeline` with ``input="images"``): ``external_source`` fed with
-   those device tensors (images, masks, family per row) -> mask fill, resize, crop/flip, jitter, blur,
+   those device tensors (masked images, a masked flag and the family per row) -> resize, crop/flip, jitter, blur,
    grayscale, normalisation as above, one DALI batch of 4B rows (the family input switches the jitter rule),
    copied back into a torch float (N, 3, crop, crop) device tensor.
 
-Both stages are fed with ``feed_input`` and run synchronously (``prefetch_queue_depth=1``) by the training
-thread; reading shards, frame choice and row ordering stay in the background threads of
-:class:`pretrain.batches.BatchPipeline`. A corrupt JPEG makes the decode stage raise: the rows are then checked
+Both stages are fed with ``feed_input`` and run synchronously (``prefetch_queue_depth=1``) by the thread that
+finishes the batch: the training thread on CUDA; on the CPU each worker thread of
+:class:`pretrain.batches.BatchPipeline` finishes whole batches with its own pair of stages (one DALI thread each;
+DALI pipelines are not thread-safe), so batches are built in parallel. A corrupt JPEG makes the decode stage raise: the rows are then checked
 one by one with the CPU decoder, bad ones are replaced by the bytes of another frame of the same clip (counted
 as ``corrupt_jpeg``) and the stage is run again - DALI pipelines keep working after a failed run.
 
-Randomness and resume: frame choice, FaceSwap coins/donors and mask regions are per-batch seeded as in the
-torch path; DALI's own random ops (crop, flip, jitter, blur, grayscale) come from the augmentation pipeline's
-seed, fixed when the iterator starts (``(seed, epoch, rank, batch)`` of the first batch). A resumed run
-therefore sees exactly the same clips, frames, swaps and masks in the same batches (no repeats, no drops), but
-its crop/flip/colour draws differ from those the uninterrupted run would have made: the resume bound is
-"same data, statistically identical (not bitwise identical) augmentations".
+Randomness and resume: in training DALI draws nothing. Frame choice, FaceSwap coins/donors, and every view
+parameter (mask coin and region, crop origin, flip, jitter coin and factors, blur coin and sigma, grayscale coin)
+are drawn by torch from the batch's generator seeded by ``(seed, epoch, rank, batch)`` - with
+:meth:`pretrain.augment.ViewAugmenter.draw_params`, the torch path's own draw - and fed to the augmentation stage
+as per-sample ``external_source`` inputs (``FED_PARAMS``) that drive ``crop_mirror_normalize``, ``color_twist``,
+``gaussian_blur`` and the conditionals. A batch's views therefore do not depend on thread timing or on what the
+pipeline did before: a resumed run is bit-identical to the uninterrupted one, and the DALI and torch paths apply
+the same parameters to the same batch (only the pixel formulas of jitter/blur differ, see step 5). The standalone
+``input="jpeg"`` mode (benchmarks) draws with DALI's own ``fn.random`` ops from the pipeline seed instead.
 """
 
 from __future__ import annotations
@@ -60,10 +67,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pretrain.augment import MASK_REGIONS, AugmentConfig, ellipse_masks
+from pretrain.augment import MASK_REGIONS, AugmentConfig, ViewParams, ellipse_masks
 
 FAMILIES = {"first": 0, "second": 1}
 PARAM_NAMES = ("crop_x", "crop_y", "flip", "jitter", "blur", "gray", "mask", "family")
+# Per-sample float32 inputs of the augmentation stage (``input="images"``), drawn by torch:
+FED_PARAMS = ("crop_x", "crop_y", "flip", "jitter", "brightness", "contrast", "saturation", "hue", "blur", "sigma",
+              "gray")  # fmt: skip
 
 # One batch from the sampler: (jpegs, landmarks (N, 68, 2), families (N,) of 0 "first" / 1 "second").
 FrameBatch = tuple[list[bytes], np.ndarray, np.ndarray]
@@ -107,7 +117,7 @@ def build_dali_pipeline(
 
     ``input="jpeg"``: ``source`` yields :data:`FrameBatch` es and masks are drawn by :class:`MaskedFeed`.
     ``input="images"``: no ``source``; the caller feeds the named inputs ``images`` (uint8 HWC, on the
-    pipeline's device), ``mask`` (uint8 HWx1, 1 inside the ellipse) and ``family`` (int32 per sample) with
+    pipeline's device, ellipse already filled), ``masked`` (uint8 per sample) and ``family`` (int32 per sample) with
     ``feed_input`` before each ``run()`` (see :class:`DaliStages`).
     """
     from nvidia.dali import fn, pipeline_def, types
@@ -124,6 +134,7 @@ def build_dali_pipeline(
         raise ValueError(f"build_dali_pipeline: input must be 'jpeg' or 'images', got {input!r}")
     image_size = image_size or cfg.resize
     feed = MaskedFeed(source, cfg, image_size, seed) if input == "jpeg" else None
+    fed = input == "images"  # random parameters fed per batch (exact resume) rather than drawn by DALI
     b, c, s, h = cfg.jitter
     mean = [255.0 * m for m in cfg.mean]
     std = [255.0 * v for v in cfg.std]
@@ -138,51 +149,67 @@ def build_dali_pipeline(
             images = fn.decoders.image(
                 jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
             )
-        else:  # decoded (and face-swapped) frames from torch, already on the pipeline's device
+            masked = fn.reductions.max(mask) > 0  # on the CPU: conditions and params stay host-side
+            if device == "gpu":
+                mask = mask.gpu()
+            # Per-sample mean colour fills the ellipse; arithmetic broadcasts (H, W, 1) masks over (3,) means.
+            maskf = fn.cast(mask, dtype=types.FLOAT)
+            fill = fn.reductions.mean(images, axes=[0, 1])
+            images = fn.cast(images * (1.0 - maskf) + fill * maskf, dtype=types.UINT8)
+        else:  # decoded, face-swapped and mask-filled frames from torch, already on the pipeline's device
             images = fn.external_source(name="images", device=device, dtype=types.UINT8, layout="HWC")
-            mask = fn.external_source(name="mask", device="cpu", dtype=types.UINT8, layout="HWC")
+            masked = fn.external_source(name="masked", device="cpu", dtype=types.UINT8) > 0
             family = fn.external_source(name="family", device="cpu", dtype=types.INT32)
-        masked = fn.reductions.max(mask) > 0  # on the CPU: conditions and params stay host-side
-        if device == "gpu":
-            mask = mask.gpu()
-        # Per-sample mean colour fills the ellipse; arithmetic broadcasts (H, W, 1) masks over (3,) means.
-        maskf = fn.cast(mask, dtype=types.FLOAT)
-        fill = fn.reductions.mean(images, axes=[0, 1])
-        images = fn.cast(images * (1.0 - maskf) + fill * maskf, dtype=types.UINT8)
         if image_size != cfg.resize:
             images = fn.resize(images, resize_x=cfg.resize, resize_y=cfg.resize, antialias=True)
 
-        crop_x = fn.random.uniform(range=[0.0, 1.0])
-        crop_y = fn.random.uniform(range=[0.0, 1.0])
-        flip = fn.random.coin_flip(probability=cfg.flip_p)
+        span = float(cfg.resize - cfg.crop)  # DALI's crop origin is round(crop_pos * span)
+        if fed:  # every random draw made by torch from the batch's seeded generator (see DaliStages.augment)
+            drawn = {
+                name: fn.external_source(name=name, device="cpu", dtype=types.FLOAT)
+                for name in FED_PARAMS
+            }  # fmt: skip
+            crop_x, crop_y = drawn["crop_x"], drawn["crop_y"]
+            flip = fn.cast(drawn["flip"], dtype=types.INT32)
+        else:
+            crop_x = fn.random.uniform(range=[0.0, 1.0])
+            crop_y = fn.random.uniform(range=[0.0, 1.0])
+            flip = fn.random.coin_flip(probability=cfg.flip_p)
         images = fn.crop_mirror_normalize(
             images, crop=(cfg.crop, cfg.crop), crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=flip,
             dtype=types.UINT8, output_layout="HWC",
         )  # fmt: skip
 
-        coin = fn.random.coin_flip(probability=cfg.jitter_p, dtype=types.BOOL)
-        if cfg.jitter_always_first_family:
-            jitter = coin | (family == FAMILIES["first"])
+        if fed:
+            jitter = drawn["jitter"] > 0.5
+            factors = {k: drawn[k] for k in ("brightness", "contrast", "saturation")}
+            factors["hue"] = drawn["hue"] * 360.0  # degrees; torch draws a fraction of a turn
         else:
-            jitter = coin
+            coin = fn.random.coin_flip(probability=cfg.jitter_p, dtype=types.BOOL)
+            jitter = coin | (family == FAMILIES["first"]) if cfg.jitter_always_first_family else coin
+            factors = {
+                "brightness": fn.random.uniform(range=[max(0.0, 1 - b), 1 + b]),
+                "contrast": fn.random.uniform(range=[max(0.0, 1 - c), 1 + c]),
+                "saturation": fn.random.uniform(range=[max(0.0, 1 - s), 1 + s]),
+                "hue": fn.random.uniform(
+                    range=[-360.0 * h, 360.0 * h]
+                ),  # degrees; cfg is a fraction of a turn
+            }
         if jitter:
-            images = fn.color_twist(
-                images,
-                brightness=fn.random.uniform(range=[max(0.0, 1 - b), 1 + b]),
-                contrast=fn.random.uniform(range=[max(0.0, 1 - c), 1 + c]),
-                saturation=fn.random.uniform(range=[max(0.0, 1 - s), 1 + s]),
-                hue=fn.random.uniform(range=[-360.0 * h, 360.0 * h]),  # degrees; cfg is a fraction of a turn
-            )
-        blur = fn.random.coin_flip(probability=cfg.blur_p, dtype=types.BOOL)
+            images = fn.color_twist(images, **factors)
+        if fed:
+            blur, sigma = drawn["blur"] > 0.5, drawn["sigma"]
+        else:
+            blur = fn.random.coin_flip(probability=cfg.blur_p, dtype=types.BOOL)
+            sigma = fn.random.uniform(range=list(cfg.blur_sigma))
         if blur:
-            images = fn.gaussian_blur(images, sigma=fn.random.uniform(range=list(cfg.blur_sigma)))
-        gray = fn.random.coin_flip(probability=cfg.gray_p, dtype=types.BOOL)
+            images = fn.gaussian_blur(images, sigma=sigma)
+        gray = drawn["gray"] > 0.5 if fed else fn.random.coin_flip(probability=cfg.gray_p, dtype=types.BOOL)
         if gray:
             grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
             images = fn.cat(grey, grey, grey, axis=2)
         images = fn.crop_mirror_normalize(images, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
 
-        span = float(cfg.resize - cfg.crop)  # DALI's crop origin is round(crop_pos * span)
         origin_x, origin_y = dmath.floor(crop_x * span + 0.5), dmath.floor(crop_y * span + 0.5)
         flags = (origin_x, origin_y, flip, jitter, blur, gray, masked, family)  # order of PARAM_NAMES
         params = fn.stack(*[fn.cast(v, dtype=types.FLOAT) for v in flags])
@@ -217,12 +244,16 @@ def build_decode_pipeline(
     """The decode stage: named input ``jpegs`` -> RGB uint8 (image_size, image_size, 3) per sample."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def
+    @pipeline_def(enable_conditionals=True)
     def decode():
         jpegs = fn.external_source(name="jpegs", dtype=types.UINT8)
         images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-        # Frames are stored at image_size already in the normal case; resizing to the same size is exact.
-        return fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
+        # Frames are normally stored at image_size: resize only the others (read from the JPEG header without
+        # decoding). A same-size resize is exact but not free: 3x the CPU decode time of a 128 px batch.
+        shape = fn.peek_image_shape(jpegs)
+        if (shape[0] != image_size) | (shape[1] != image_size):
+            images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
+        return images
 
     return decode(
         batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
@@ -274,13 +305,35 @@ class DaliStages:
         (images,) = self.decoder.run()
         return to_torch(images, self.device, torch.uint8).permute(0, 3, 1, 2)
 
-    def augment(self, images: torch.Tensor, masks: torch.Tensor, families: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, S, S) device images, bool (N, S, S) masks, int (N,) families -> float (N, 3, crop, crop)."""
+    def augment(
+        self, images: torch.Tensor, masks: torch.Tensor, families: torch.Tensor, params: ViewParams
+    ) -> torch.Tensor:
+        """uint8 (N, 3, S, S) device images, bool (N, S, S) masks, int (N,) families and the drawn
+        :class:`pretrain.augment.ViewParams` of every row -> float (N, 3, crop, crop).
+
+        The ellipse is filled with the image's mean colour here, in torch on the device, where the mask was
+        rasterised: the same fill as DALI arithmetic ops, at a sixth of their CPU cost. Crop, flip, jitter,
+        blur and grayscale use ``params`` (drawn by torch from the batch's seeded generator, exactly as the
+        torch path draws them), so a batch's views do not depend on the pipeline's history: resume is exact."""
+        cfg = self.cfg
+        span = max(1, cfg.resize - cfg.crop)
+        b, c, s, h = params.jitter_factors.float().cpu().unbind(dim=1)
+        fed = {
+            "crop_x": params.offset[:, 0].float().cpu() / span,
+            "crop_y": params.offset[:, 1].float().cpu() / span,
+            "flip": params.flip, "jitter": params.jitter, "brightness": b, "contrast": c, "saturation": s,
+            "hue": h, "blur": params.blur, "sigma": params.sigma, "gray": params.gray,
+        }  # fmt: skip
+        for name in FED_PARAMS:
+            self.augmenter.feed_input(name, fed[name].to("cpu", torch.float32).contiguous().numpy())
+        masks = masks.to(images.device)
+        fill = images.float().mean(dim=(2, 3), keepdim=True).round().to(torch.uint8)
+        images = torch.where(masks[:, None], fill, images)
         hwc = images.permute(0, 2, 3, 1).contiguous()
         if self.dali_device == "cpu":
             hwc = hwc.cpu().numpy()
         self.augmenter.feed_input("images", hwc)  # one dense batch; torch CUDA tensors are fed zero-copy
-        self.augmenter.feed_input("mask", masks.to("cpu", torch.uint8)[..., None].numpy())
+        self.augmenter.feed_input("masked", masks.flatten(1).any(dim=1).to("cpu", torch.uint8).numpy())
         self.augmenter.feed_input("family", families.to("cpu", torch.int32).numpy())
         views, _params = self.augmenter.run()
         return to_torch(views, self.device, torch.float32)

@@ -124,11 +124,13 @@ def test_device_and_device_id_must_agree(frames):
 
 
 def test_two_stage_decode_then_augment_from_torch_tensors(frames):
-    """The training arrangement: DALI decode -> (torch FaceSwap) -> DALI augmentation fed from torch tensors."""
+    """The training arrangement: DALI decode -> (torch FaceSwap) -> DALI augmentation fed from torch tensors,
+    with the crop/flip parameters drawn by torch: DALI's views are exactly the drawn crops and flips."""
+    from pretrain.augment import ViewAugmenter, ViewParams
     from pretrain.dali_pipeline import DaliStages
     from pretrain.decode import decode_jpegs
 
-    cfg = AugmentConfig(flip_p=0.0, jitter_p=0.0, jitter_always_first_family=False, blur_p=0.0, gray_p=0.0,
+    cfg = AugmentConfig(flip_p=0.5, jitter_p=0.0, jitter_always_first_family=False, blur_p=0.0, gray_p=0.0,
                         mask_p=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # fmt: skip
     stages = DaliStages(cfg, torch.device("cpu"), BATCH, 128, 1, seed=5)
     jpegs = frames[0][:BATCH]
@@ -140,13 +142,45 @@ def test_two_stage_decode_then_augment_from_torch_tensors(frames):
     swapped = decoded.flip(-1).contiguous()  # stands in for the torch FaceSwap output
     masks = torch.zeros(BATCH, 128, 128, dtype=torch.bool)
     masks[0, 40:80, 40:80] = True
-    views = stages.augment(swapped, masks, torch.tensor([0] * 4 + [1] * 4))
+    gen = torch.Generator().manual_seed(3)
+    draw = ViewAugmenter(cfg).draw_params
+    params = ViewParams.cat(
+        [draw(4, "first", gen, (1.0, 1.0), "cpu"), draw(4, "second", gen, (1.0, 1.0), "cpu")]
+    )
+    assert 0 < int(params.flip.sum()) < BATCH  # both cases exercised
+    views = stages.augment(swapped, masks, torch.tensor([0] * 4 + [1] * 4), params)
     assert views.shape == (BATCH, 3, 112, 112) and views.dtype == torch.float32
     inside = views[0][:, 45:55, 45:55]  # crop origin <= 16: still inside the masked square
     assert (inside - swapped[0].float().mean(dim=(1, 2))[:, None, None] / 255).abs().max() < 2 / 255
-    for i in range(1, BATCH):  # unmasked rows: an exact crop of the fed tensor somewhere in 0..16
-        found = any(
-            torch.allclose(views[i], swapped[i, :, y : y + 112, x : x + 112].float() / 255, atol=1e-5)
-            for y in range(17) for x in range(17)
-        )  # fmt: skip
-        assert found
+    for i in range(1, BATCH):  # unmasked rows: exactly the drawn crop (and flip) of the fed tensor
+        x, y = params.offset[i].tolist()
+        crop = swapped[i, :, y : y + 112, x : x + 112].float() / 255
+        expected = crop.flip(-1) if params.flip[i] else crop
+        assert torch.allclose(views[i], expected, atol=1e-6), i
+    again = stages.augment(swapped, masks, torch.tensor([0] * 4 + [1] * 4), params)
+    assert torch.equal(views, again)  # no hidden DALI randomness: same parameters, same views
+
+
+def test_decode_stage_resizes_only_frames_of_another_size(frames):
+    """Frames stored at image_size pass untouched (no same-size resample); others are resized to it."""
+    from pretrain.dali_pipeline import DaliStages
+    from pretrain.decode import decode_jpegs
+
+    stages = DaliStages(AugmentConfig(), torch.device("cpu"), BATCH, 128, 1, seed=5)
+    jpegs = list(frames[0][:BATCH])
+    same = stages.decode(jpegs)
+    odd = {}
+    for i, size in ((1, 160), (6, 96)):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(jpegs[i])).resize((size, size), Image.BILINEAR).save(
+            buf, format="JPEG", quality=92
+        )
+        odd[i] = jpegs[i] = buf.getvalue()
+    mixed = stages.decode(jpegs)
+    assert mixed.shape == (BATCH, 3, 128, 128)
+    for i in range(BATCH):
+        if i in odd:  # resized: close to the original 128 px frame, not a copy of it
+            assert 0 < (mixed[i].float() - same[i].float()).abs().mean() < 12
+        else:
+            assert torch.equal(mixed[i], same[i])
+    assert (same.float() - decode_jpegs(frames[0][:BATCH]).float()).abs().mean() < 1.0
