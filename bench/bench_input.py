@@ -21,6 +21,10 @@ ratios against the torchvision DataLoader baseline. Last, the same torch path wi
 the original code did) against landmarks read from the shard JSON.
 
     OMP_NUM_THREADS=1 python bench/bench_input.py [--frames 512] [--batch 64] [--threads 1 2] [--clips 16]
+        [--parts views faceswap full]
+
+``--threads N`` pins each measurement to the first N cores (every thread and worker process of every path),
+so all paths get the same hardware.
 """
 
 from __future__ import annotations
@@ -247,17 +251,17 @@ def _pipeline_cfg(url: str, kind: str, clips: int, threads: int):
 
 
 def bench_full(pipeline, batches: int) -> float:
-    """Images/s from the median time per batch over ``batches`` batches after one warm-up batch (the median
-    resists other load on a shared machine); pipelines cycle epochs as in training."""
+    """Steady-state images/s over ``batches`` batches. The warm-up first takes as many batches as the pipeline
+    can hold ready (``data.prefetch`` + 2), so the timed window measures production, not a queue filled while
+    the first batch was awaited; pipelines cycle epochs as in training."""
     it = iter(pipeline)
     try:
-        next(it)
-        times, images = [], 0
+        for _ in range(pipeline.data.prefetch + 2):
+            next(it)
+        start, images = time.perf_counter(), 0
         for _ in range(batches):
-            start = time.perf_counter()
-            images = next(it).images.shape[0]
-            times.append(time.perf_counter() - start)
-        return images / float(np.median(times))
+            images += next(it).images.shape[0]
+        return images / (time.perf_counter() - start)
     finally:
         pipeline.close()
 
@@ -329,7 +333,10 @@ def main() -> None:
     parser.add_argument(
         "--clips", type=int, default=16, help="clips per batch in the full input path (4x images)"
     )
-    parser.add_argument("--full-batches", type=int, default=6, help="timed batches per full-path pipeline")
+    parser.add_argument(
+        "--parts", nargs="+", default=["views", "faceswap", "full"], choices=["views", "faceswap", "full"]
+    )
+    parser.add_argument("--full-batches", type=int, default=12, help="timed batches per full-path pipeline")
     args = parser.parse_args()
 
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
@@ -337,6 +344,15 @@ def main() -> None:
         f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
         f"python={platform.python_version()} torch={torch.__version__} cuda={torch.cuda.is_available()}"
     )
+    if "views" in args.parts:
+        run_views(args)
+    if "faceswap" in args.parts:
+        run_faceswap(args)
+    if "full" in args.parts:
+        run_full(args)
+
+
+def run_views(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths, landmarks = make_frames(Path(tmp), args.frames, seed=0)
         print(
@@ -354,12 +370,17 @@ def main() -> None:
                 f"{threads:>8} {dali:>10.0f} {batched:>14.0f} {baseline:>12.0f} "
                 f"{dali / baseline:>7.2f}x {batched / baseline:>8.2f}x"
             )
+
+
+def run_faceswap(args) -> None:
     print(f"\nfaceswap, pairs/s ({args.swap_pairs} pairs, 128 px):")
     print(f"{'threads':>8} {'per-sample':>11} {'batched':>9} {'ratio':>7}")
     for threads in args.threads:
         reference, batched = bench_faceswap(args.swap_pairs, threads, args.repeats)
         print(f"{threads:>8} {reference:>11.1f} {batched:>9.1f} {batched / reference:>6.1f}x")
 
+
+def run_full(args) -> None:
     from pretrain.batches import make_batch_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -373,9 +394,10 @@ def main() -> None:
             torch.set_num_threads(threads)
             rates = {}
             for kind in ("torch", "dali", "torchvision"):
-                # DALI brings its own `threads` worker threads; torch intra-op threads on the same cores
-                # oversubscribe them (measured: ~3x slower on 2 cores), so its torch part (FaceSwap) gets one.
-                torch.set_num_threads(1 if kind == "dali" else threads)
+                # On a CPU device the pipeline's `threads` worker threads each finish whole batches (and the
+                # DataLoader's worker processes each run one): one intra-op thread each, as a CPU rank runs
+                # (OMP_NUM_THREADS=1); more would oversubscribe the cores (measured: up to ~3x slower).
+                torch.set_num_threads(1)
                 with pinned_to(threads):
                     pipe = make_batch_pipeline(_pipeline_cfg(url, kind, args.clips, threads), 0, 1, "cpu")
                     rates[kind] = bench_full(pipe, args.full_batches)
@@ -386,7 +408,7 @@ def main() -> None:
                 f"{rates['torch'] / 4:.0f} / {rates['dali'] / 4:.0f} / {tv / 4:.0f}"
             )
         threads = max(args.threads)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1)
         cfg = _pipeline_cfg(url, "torch", args.clips, threads)
         with pinned_to(threads):
             stored = bench_full(make_batch_pipeline(cfg, 0, 1, "cpu"), args.full_batches)
@@ -396,7 +418,7 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 - dlib or its model missing: say so, do not fail the bench
                 print(f"\nper-frame landmark detection: skipped ({err})")
                 return
-            detect = bench_full(detecting, max(1, args.full_batches // 2))
+            detect = bench_full(detecting, max(2, args.full_batches // 3))
         hits, total = detecting.found
         print(
             f"\nlandmarks, full torch path, {threads} cores, images/s: stored in the shards {stored:.0f}, "

@@ -40,6 +40,8 @@ class EvalsetConfig:
     frames_per_clip: int = 3
     seed: int = 1
     identity_offset: int | None = None  # None: the synth module's eval offset
+    expression_scale: float | None = None  # None: SynthConfig's default
+    zoom: float | None = None  # None: SynthConfig's default
 
     def validate(self) -> None:
         if self.source not in SOURCES:
@@ -64,6 +66,9 @@ def _synth_faces(cfg: EvalsetConfig, skip: Callable[[str, str], None]) -> Iterat
             offset = importlib.import_module("data_shards.synth.config").EVAL_IDENTITY_OFFSET
         except (ImportError, AttributeError):
             offset = DEFAULT_EVAL_IDENTITY_OFFSET
+    knobs = {
+        k: v for k, v in (("expression_scale", cfg.expression_scale), ("zoom", cfg.zoom)) if v is not None
+    }
     synth_cfg = synth.SynthConfig(
         identities=cfg.identities,
         clips_per_identity=cfg.clips_per_identity,
@@ -71,6 +76,7 @@ def _synth_faces(cfg: EvalsetConfig, skip: Callable[[str, str], None]) -> Iterat
         seed=cfg.seed,
         size=cfg.size,
         identity_offset=offset,
+        **knobs,
     )
     yield from synth.iter_eval_frames(synth_cfg, cfg.frames_per_clip)
 
@@ -127,6 +133,13 @@ def add_evalset_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--frames-per-clip", type=int, default=d.frames_per_clip)
     synth.add_argument("--seed", type=int, default=d.seed)
     synth.add_argument("--identity-offset", type=int, default=None)
+    synth.add_argument(
+        "--expression-scale",
+        type=float,
+        default=None,
+        help="SynthConfig.expression_scale (default: its default)",
+    )
+    synth.add_argument("--zoom", type=float, default=None, help="SynthConfig.zoom (default: its default)")
 
 
 def config_from_args(args: argparse.Namespace) -> EvalsetConfig:
@@ -145,6 +158,8 @@ def config_from_args(args: argparse.Namespace) -> EvalsetConfig:
         frames_per_clip=args.frames_per_clip,
         seed=args.seed,
         identity_offset=args.identity_offset,
+        expression_scale=getattr(args, "expression_scale", None),
+        zoom=getattr(args, "zoom", None),
     )
     cfg.validate()
     return cfg

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,6 +103,38 @@ def pretrain_cmd(variant: str, seed: int, run_dir: Path, data: Path, steps: int)
     ]  # fmt: skip
 
 
+RANDOM_INIT = "random init (no pretraining)"
+
+
+def select_variants(spec: str) -> list[str]:
+    """``all`` or comma-separated exact slugs ("timeaug-hardneg-maskfn" does not also select "timeaug")."""
+    if spec == "all":
+        return list(VARIANTS)
+    wanted = [w.strip() for w in spec.split(",") if w.strip()]
+    unknown = sorted(set(wanted) - {slug(v) for v in VARIANTS})
+    if unknown or not wanted:
+        raise ValueError(f"--variants: unknown {unknown}; choose from {[slug(v) for v in VARIANTS]} or all")
+    return [v for v in VARIANTS if slug(v) in wanted]
+
+
+def write_random_init(run_dir: Path, seed: int) -> None:
+    """``run_dir/backbone.pt`` with the demo config's backbone at random weights, and its ``config.yaml`` (the
+    evaluation reads the crop size from it)."""
+    from launch.configio import load_config, save_config
+    from pretrain.config import PretrainConfig
+    from pretrain.model import build_backbone, save_backbone
+
+    if (run_dir / "backbone.pt").exists():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(
+        PretrainConfig, REPO / "launch/configs/demo.yaml", [f"run_dir={run_dir}", f"seed={seed}"]
+    )
+    torch.manual_seed(seed)
+    save_backbone(build_backbone(cfg.model), run_dir / "backbone.pt")
+    save_config(cfg, run_dir / "config.yaml")
+
+
 def aggregate(results: dict, runs: dict[str, list[str]]) -> dict[str, dict[str, tuple[float, float, int]]]:
     table: dict[str, dict[str, tuple[float, float, int]]] = {}
     for variant, names in runs.items():
@@ -120,6 +153,8 @@ def aggregate(results: dict, runs: dict[str, list[str]]) -> dict[str, dict[str, 
 
 
 def render(table, commands: list[str], wall_s: float, args, out: Path) -> str:
+    from data_shards.synth import SynthConfig
+
     labels = [c[2] for c in COLUMNS]
     lines = [
         "# Ablation on SynthFace (Shu et al. 2022, Table 1 grid)",
@@ -127,7 +162,8 @@ def render(table, commands: list[str], wall_s: float, args, out: Path) -> str:
         f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m launch.ablation` on a "
         f"{os.cpu_count()}-core CPU machine (no GPU); wall time {wall_s / 60:.1f} min.",
         f"Pretraining: ResNet-18 (width 16), 64 px crops, {args.steps} steps, 2 CPU ranks, 64 images per step, "
-        f"{args.identities} pretraining identities. Evaluation: {args.eval_identities} identities never seen in "
+        f"{args.identities} pretraining identities; SynthFace at its defaults (expression_scale "
+        f"{SynthConfig.expression_scale}, zoom {SynthConfig.zoom}). Evaluation: {args.eval_identities} identities never seen in "
         "pretraining; linear probes on frozen features. Mean +- std over pretraining seeds "
         f"{args.seeds}; each seed's value is the mean over 3 probe seeds. Expression F1/accuracy and identity "
         "accuracy in %; chance for 8 classes is 12.5%.",
@@ -198,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    variants = list(VARIANTS) if args.variants == "all" else [v for v in VARIANTS if slug(v) in args.variants]
+    try:
+        variants = select_variants(args.variants)
+    except ValueError as err:
+        parser.error(str(err))
     out = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -223,6 +262,17 @@ def main(argv: list[str] | None = None) -> int:
                 run(cmd, log=out / f"{name}.log")
             runs.setdefault(variant, []).append(name)
             checkpoints.append(str(run_dir / "backbone.pt"))
+    # Reference row: the same backbone with random weights (no pretraining), one per seed; what a probe reads
+    # from architecture alone tells how much each pretraining variant adds or removes.
+    for seed in seeds:
+        name = f"{slug(RANDOM_INIT)}-s{seed}"
+        write_random_init(out / name, seed)
+        runs.setdefault(RANDOM_INIT, []).append(name)
+        checkpoints.append(str(out / name / "backbone.pt"))
+    commands.append(
+        "random init: the demo config's backbone with torch.manual_seed(SEED), saved unchanged "
+        "(launch/ablation.py write_random_init)"
+    )
     eval_out = out / "eval"
     eval_cmd = [sys.executable, "-m", "eval", "--checkpoint", ",".join(checkpoints), "--data", str(ev),
                 "--tasks", "expression,va,identity", "--seeds", "3", "--out", str(eval_out), "--no-progress"]  # fmt: skip

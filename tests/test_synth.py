@@ -200,6 +200,8 @@ def test_validate_names_the_bad_key():
         ({"intensity": (0.8, 0.2)}, "intensity"),
         ({"segment_seconds": (2.0, 1.0)}, "segment_seconds"),
         ({"fps": 0.0}, "fps"),
+        ({"expression_scale": 5.0}, "expression_scale"),
+        ({"zoom": 2.0}, "zoom"),
     ):
         with pytest.raises(ConfigError, match=f"'{key}'"):
             SynthConfig(**kwargs).validate()
@@ -214,6 +216,30 @@ def test_cli_arguments_and_contact_sheet(tmp_path):
     assert (cfg.identities, cfg.seconds, cfg.seed, cfg.size, cfg.identity_offset) == (3, 4.0, 9, 96, 0)
     with pytest.raises(ConfigError, match="'seconds'"):
         config_from_args(parser.parse_args(["--seconds", "0"]))
+    cfg = config_from_args(parser.parse_args(["--expression-scale", "1", "--zoom", "1"]))
+    assert (cfg.expression_scale, cfg.zoom) == (1.0, 1.0)
     out = render_contact_sheet(tmp_path / "sheet.png", seed=1, identities=2, size=64)
     with Image.open(out) as sheet:
         assert sheet.size[0] >= 8 * 64 and sheet.size[1] >= 3 * 64
+
+
+def test_expression_scale_and_zoom_change_the_drawing_not_the_labels():
+    """The visibility knobs move and enlarge the face; labels stay the same and landmarks stay in the image."""
+    metas, spans = [], []
+    for scale, zoom in ((1.0, 1.0), (3.0, 1.35)):
+        cfg = SynthConfig(
+            identities=1, clips_per_identity=1, seconds=20.0, seed=2, expression_scale=scale, zoom=zoom
+        )
+        worst_low, worst_high = np.inf, -np.inf
+        for identity in range(12):
+            sim = simulate_clip(cfg, identity, 0)
+            worst_low, worst_high = min(worst_low, sim.landmarks.min()), max(worst_high, sim.landmarks.max())
+        assert worst_low >= 2 and worst_high <= 126, (scale, zoom, worst_low, worst_high)
+        sim = simulate_clip(cfg, 0, 0)
+        metas.append(sim.timeline)
+        spans.append(
+            np.ptp(sim.landmarks[:, 48:68, 1], axis=0).mean()
+        )  # how far the mouth moves over the clip
+    assert np.array_equal(metas[0].expression, metas[1].expression)
+    assert np.array_equal(metas[0].action_units, metas[1].action_units)
+    assert spans[1] > 2 * spans[0]

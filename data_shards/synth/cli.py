@@ -22,6 +22,18 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.identity_offset,
         help="first identity index (eval sets: 1000000)",
     )
+    group.add_argument(
+        "--expression-scale",
+        type=float,
+        default=d.expression_scale,
+        help="gain from AU intensity to face deformation, in [0.5, 3] (1.0: the first corpus)",
+    )
+    group.add_argument(
+        "--zoom",
+        type=float,
+        default=d.zoom,
+        help="face size in the frame, in [0.75, 1.35] (1.0: the first corpus, whole head and shoulders)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SynthConfig:
@@ -33,6 +45,8 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
         fps=args.fps,
         size=args.size,
         identity_offset=getattr(args, "identity_offset", 0),
+        expression_scale=getattr(args, "expression_scale", SynthConfig.expression_scale),
+        zoom=getattr(args, "zoom", SynthConfig.zoom),
     )
     cfg.validate()
     return cfg

@@ -53,7 +53,7 @@ def clip_key(identity_index: int, clip_index: int) -> str:
 
 def simulate_clip(cfg: SynthConfig, identity_index: int, clip_index: int) -> SimulatedClip:
     """Seeded from (seed, identity, clip) alone, so clips can be generated in any order by any worker."""
-    ident = make_identity(cfg.seed, identity_index)
+    ident = make_identity(cfg.seed, identity_index, cfg.zoom)
     rng = np.random.default_rng([cfg.seed, identity_index, clip_index, 0xC1])
     tl = make_timeline(cfg, rng)
     geometry = [
@@ -65,6 +65,7 @@ def simulate_clip(cfg: SynthConfig, identity_index: int, clip_index: int) -> Sim
             gaze=tuple(tl.gaze[i]),
             pose=tuple(tl.head_pose[i]),
             size=cfg.size,
+            expression_scale=cfg.expression_scale,
         )
         for i in range(len(tl))
     ]

@@ -34,6 +34,10 @@ class SynthConfig:
     segment_seconds: tuple[float, float] = (2.0, 5.0)  # how long one expression is held
     transition_seconds: float = 1.0  # blend time between two expressions (AU vectors interpolated)
     intensity: tuple[float, float] = (0.5, 1.0)  # expression intensity drawn per segment
+    # Expression visibility (bench/expression_ceiling.py, 3 seeds): at 1.0 / 1.0 (the first corpus) a supervised
+    # ResNet-18 (width 16) reads expression at 64 px at 27-30% macro-F1 on held-out people; at the defaults 65-70%.
+    expression_scale: float = 2.0  # gain from AU intensity to face deformation (AU labels unchanged)
+    zoom: float = 1.25  # face size in the frame; 1.0: whole head and shoulders, face ~55% of the image width
     speech: float = 0.35  # amplitude of speech-like mouth opening (0 = silent)
     pose_degrees: tuple[float, float, float] = (10.0, 6.0, 5.0)  # yaw, pitch, roll jitter amplitude
     lighting_drift: float = 0.35  # radians the light direction wanders over a clip
@@ -66,6 +70,13 @@ class SynthConfig:
         )
         lo, hi = self.intensity
         _check(0 <= lo <= hi <= 1, "intensity", "must be [low, high] within [0, 1]", self.intensity)
+        _check(
+            0.5 <= self.expression_scale <= 3,
+            "expression_scale",
+            "must be in [0.5, 3]",
+            self.expression_scale,
+        )
+        _check(0.75 <= self.zoom <= 1.35, "zoom", "must be in [0.75, 1.35]", self.zoom)
         _check(0 <= self.speech <= 1, "speech", "must be in [0, 1]", self.speech)
         _check(
             len(self.pose_degrees) == 3 and all(0 <= d <= 20 for d in self.pose_degrees),

@@ -38,14 +38,16 @@ def render_contact_sheet(out_png: str | Path, seed: int, identities: int = 6, si
     for col, name in enumerate(EXPRESSIONS):
         draw.text((LABEL_W + col * size + 4, 3), f"{col} {name}", fill=(0, 0, 0), font=font)
     for row in range(identities):
-        ident = make_identity(seed, row)
+        ident = make_identity(seed, row, strip_cfg.zoom)
         renderer = FaceRenderer(ident, size)
         y = HEADER_H + row * size
         draw.text((4, y + size // 2 - 12), ident.identity_id, fill=(0, 0, 0), font=font)
         draw.text((4, y + size // 2 + 2), f"{ident.hair_style}", fill=(90, 90, 90), font=font)
         for cls in range(cols):
             tl = still_timeline(cls, 1.0)
-            geom = face_geometry(ident, tl.action_units[0], size=size)
+            geom = face_geometry(
+                ident, tl.action_units[0], size=size, expression_scale=strip_cfg.expression_scale
+            )
             sheet.paste(Image.fromarray(renderer.render(geom)), (LABEL_W + cls * size, y))
 
     # One clip over time: expressions blend, the mouth talks, the head and light drift.

@@ -61,8 +61,15 @@ def face_geometry(
     gaze: tuple[float, float] = (0.0, 0.0),
     pose: tuple[float, float, float] = (0.0, 0.0, 0.0),
     size: int = 128,
+    expression_scale: float = 1.0,
 ) -> FaceGeometry:
-    a = {name: float(au[i]) for name, i in AU.items()}
+    """Landmarks and outlines of ``ident`` showing AU intensities ``au`` (each in [0, 1]).
+
+    ``expression_scale`` is the gain from AU intensity to face deformation: every AU moves the face as an AU
+    ``expression_scale`` times as intense would at gain 1 (the original geometry), with lid, lip and jaw extents
+    clamped to what a face can do. It changes what is drawn, never the AU labels.
+    """
+    a = {name: float(au[i]) * expression_scale for name, i in AU.items()}
     fw = ident.face_width
     ear_y = ident.eye_y + 0.02
     mouth_open = _unit(a["AU26"] + speech + 0.25 * a["AU20"] + 0.15 * a["AU10"], 1.4)
@@ -162,7 +169,7 @@ def face_geometry(
     corners_y = (corner_y, corner_y - 0.08 * a["AU14"])
     upper_mid = my - 0.05 * a["AU10"] + 0.01 * a["AU15"]
     lower_mid = upper_mid + jaw_drop * 1.1 + 0.004
-    thin = (1 - 0.55 * a["AU23"]) * (1 - 0.3 * a["AU20"])
+    thin = max(1 - 0.55 * a["AU23"], 0.25) * max(1 - 0.3 * a["AU20"], 0.5)
     t_up, t_lo = ident.lip_thickness * thin, ident.lip_thickness * 1.25 * thin
     xo = np.array([-0.68, -0.3, 0.0, 0.3, 0.68])
     xs_up = np.where(xo < 0, xo * widths[0], xo * widths[1])

@@ -75,8 +75,13 @@ def _mix(a: Color, b: Color, t: float) -> Color:
     return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))  # type: ignore[return-value]
 
 
-def make_identity(seed: int, index: int) -> Identity:
-    """Deterministic from (seed, index) alone, so any worker can rebuild any identity."""
+def make_identity(seed: int, index: int, zoom: float = 1.0) -> Identity:
+    """Deterministic from (seed, index) alone, so any worker can rebuild any identity.
+
+    ``zoom`` frames the face tighter (> 1) or looser than the original framing (1.0: whole head and shoulders,
+    the face ~55% of the image width); the face is moved up as it grows so the chin stays in the image. It
+    draws no random numbers, so the same person comes out at every zoom.
+    """
     rng = np.random.default_rng([seed, index, 0x1D])
     u = rng.uniform
     skin = _jitter_color(rng, SKIN_TONES[rng.integers(len(SKIN_TONES))], 8)
@@ -103,8 +108,8 @@ def make_identity(seed: int, index: int) -> Identity:
         mouth_y=u(0.52, 0.6),
         mouth_half_width=u(0.24, 0.31),
         lip_thickness=u(0.045, 0.075),
-        scale=u(0.28, 0.31),
-        center=(0.5 + u(-0.03, 0.03), 0.47 + u(-0.02, 0.02)),
+        scale=u(0.28, 0.31) * zoom,
+        center=(0.5 + u(-0.03, 0.03), 0.47 - 0.22 * (zoom - 1) + u(-0.02, 0.02)),
         skin=skin,
         lips=_mix(skin, (170, 60, 70), u(0.3, 0.55)),
         hair=hair,

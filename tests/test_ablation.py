@@ -1,0 +1,28 @@
+"""launch/ablation.py: variant selection and the random-init reference backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from launch.ablation import VARIANTS, select_variants, slug, write_random_init
+from pretrain.model import load_backbone
+
+
+def test_variants_are_selected_by_exact_slug():
+    assert select_variants("timeaug-hardneg-maskfn") == ["timeaug+hardneg+maskfn"]
+    assert select_variants("simclr,all") == ["simclr", "all four (SSL-FER)"]
+    assert select_variants("all") == list(VARIANTS)
+    with pytest.raises(ValueError, match="unknown \\['timeaug-maskfn'\\]"):
+        select_variants("timeaug-maskfn")
+
+
+def test_random_init_backbone_is_loadable_seeded_and_carries_its_config(tmp_path):
+    write_random_init(tmp_path / "a", seed=3)
+    write_random_init(tmp_path / "b", seed=3)
+    write_random_init(tmp_path / "c", seed=4)
+    a, b, c = (load_backbone(tmp_path / x / "backbone.pt").state_dict() for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    assert "crop" in (tmp_path / "a" / "config.yaml").read_text()
+    assert slug("all four (SSL-FER)") == "all"
