@@ -23,6 +23,7 @@ import numpy as np
 
 from data_shards import store
 from data_shards.manifest import MANIFEST_NAME, ManifestError, validate_manifest
+from data_shards.tar_stream import TruncatedMember, iter_members
 
 log = logging.getLogger(__name__)
 
@@ -130,63 +131,34 @@ def _load_npy(data: bytes) -> np.ndarray:
     return array
 
 
-class _EdgeReader:
-    """Passes reads through, keeping the first 512 bytes and the last 1024 seen (to spot a cut-short tar)."""
-
-    def __init__(self, raw) -> None:
-        self.raw, self.head, self.tail = raw, b"", b""
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        if len(self.head) < 512:
-            self.head += data[: 512 - len(self.head)]
-        self.tail = (self.tail + data)[-1024:]
-        return data
-
-    def cut_at_block_boundary(self) -> bool:
-        """True if an uncompressed tar ended without its two zero end-of-archive blocks: tarfile takes a file
-        cut exactly between two members for a complete archive, so its last sample could be incomplete."""
-        if (
-            self.head[257:262] != b"ustar"
-        ):  # compressed (gzip/bz2/xz notice truncation themselves) or not a tar
-            return False
-        while self.read(1 << 16):  # the rest: end blocks and record padding (a few KiB)
-            pass
-        return self.tail != bytes(1024)
-
-
 def iter_tar_samples(stream, where: str, handler: SkipHandler) -> Iterator[dict[str, Any]]:
     """Samples from an open tar stream (members grouped by key = name up to the first dot)."""
     current_key: str | None = None
     parts: dict[str, bytes] = {}
-    stream = _EdgeReader(stream)
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, dot, ext = member.name.partition(".")
-                if not dot:
-                    handler("member_without_extension", f"{where} member {member.name}")
-                    continue
-                if key != current_key:
-                    if current_key is not None:
-                        sample = _sample_from_parts(current_key, parts, handler, where)
-                        if sample is not None:
-                            yield sample
-                    current_key, parts = key, {}
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise EOFError(f"member {member.name} is cut short")
-                parts[ext] = data
+        for name, data in iter_members(stream):
+            key, dot, ext = name.partition(".")
+            if not dot:
+                handler("member_without_extension", f"{where} member {name}")
+                continue
+            if key != current_key:
+                if current_key is not None:
+                    sample = _sample_from_parts(current_key, parts, handler, where)
+                    if sample is not None:
+                        yield sample
+                current_key, parts = key, {}
+            parts[ext] = data
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
         # Network errors (OSError) are not caught here: they are storage problems, not corrupt data.
-        # The sample being read when the tar broke may be incomplete: drop it, keep what came before.
+        # The sample being read when the tar broke may be incomplete: drop it, keep what came before. If the
+        # cut member already belongs to the next sample, the one before it is complete.
+        if isinstance(err, TruncatedMember) and current_key is not None:
+            if err.name.partition(".")[0] != current_key:
+                sample = _sample_from_parts(current_key, parts, handler, where)
+                if sample is not None:
+                    yield sample
         handler("truncated_tar", f"{where}: {type(err).__name__}: {err}")
         return
-    if stream.cut_at_block_boundary():
-        handler("truncated_tar", f"{where}: no end-of-archive blocks (cut short between two members)")
-        return  # the sample in progress may be missing members: drop it, as for any cut tar
     if current_key is not None:
         sample = _sample_from_parts(current_key, parts, handler, where)
         if sample is not None:
