@@ -236,6 +236,15 @@ class BatchPipeline:
             )
         self.sampler = FrameSampler(cfg.sampling)
         self.swap = FaceSwap(cfg.faceswap) if cfg.faceswap.enabled else None
+        self.donor_bank = None  # faceswap.donors=bank: donors from a fixed bank, not from the batch
+        if self.swap is not None and cfg.faceswap.donors == "bank":
+            from pretrain.donors import load_donor_bank
+
+            bank = load_donor_bank(
+                self.data.url, cfg.faceswap.donor_bank_frames, self.data.image_size,
+                resilient_reader(iter_samples, self.skips), self.skips,
+            )  # fmt: skip
+            self.donor_bank = bank.to(self.device)
         self.augment = ViewAugmenter(cfg.augment)
         self.descriptor = (
             _build_descriptor(cfg).to(self.device).eval() if cfg.loss.fn_mode != "none" else None
@@ -414,10 +423,16 @@ class BatchPipeline:
         view_landmarks = landmarks
         positives, positive_landmarks = images[half:], landmarks[half:]
         if self.swap is not None:
-            # Donors: any row of the batch (before swapping) with another identity.
+            # Donors: any entry of another identity - in the donor bank, or a row of the batch (before swapping).
+            bank = self.donor_bank
+            donors = (
+                (images, landmarks, identity)
+                if bank is None
+                else (bank.images, bank.landmarks, bank.identity)
+            )
             result = self.swap(
                 positives, positive_landmarks, identity[half:], gen,
-                donor_images=images, donor_landmarks=landmarks, donor_identity=identity,
+                donor_images=donors[0], donor_landmarks=donors[1], donor_identity=donors[2],
             )  # fmt: skip
             positives, positive_landmarks = result.images, result.landmarks
             swapped[half:] = result.swapped

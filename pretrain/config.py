@@ -61,6 +61,22 @@ class FaceSwapSection(FaceSwapConfig):
     """``pretrain.faceswap.FaceSwapConfig`` plus the on/off switch of the training program."""
 
     enabled: bool = True  # FaceSwap on positives (P, NP) with probability faceswap.p
+    # Where donors come from. batch: other rows of the same batch - every donor is then also a negative of the
+    # anchor, so the swapped positive shares its hair/background/face shape with a negative; bank: a fixed
+    # bank of frames read from the dataset when the pipeline starts (donors drawn per batch, seeded).
+    donors: str = "batch"  # batch: other rows of the batch; bank: fixed dataset frames (pretrain/donors.py)
+    donor_bank_frames: int = 256  # donor bank size (donors=bank): one frame per clip, manifest order
+
+    def validate(self) -> None:
+        from launch.configio import ConfigError
+
+        super().validate()
+        if self.donors not in ("batch", "bank"):
+            raise ConfigError(f"config key 'faceswap.donors': must be batch or bank, got {self.donors!r}")
+        if self.donor_bank_frames < 2:
+            raise ConfigError(
+                f"config key 'faceswap.donor_bank_frames': need >= 2 frames, got {self.donor_bank_frames}"
+            )
 
 
 @dataclass

@@ -93,8 +93,9 @@ class _GroupSampler:
 class _GroupToBatch(torch.utils.data.Dataset):
     """Runs in the DataLoader workers: one clip group -> one batch of views, per sample."""
 
-    def __init__(self, cfg, rank: int, rows_per_clip: int, layout: str):
+    def __init__(self, cfg, rank: int, rows_per_clip: int, layout: str, bank=None):
         self.cfg, self.rank, self.rows_per_clip, self.layout = cfg, rank, rows_per_clip, layout
+        self.bank = bank.numpy() if bank is not None else None  # faceswap.donors=bank: (images, lms, ids)
         self.size = cfg.data.image_size
         self.views = TorchvisionViews(cfg.augment)
         self.swap_cfg: FaceSwapConfig | None = cfg.faceswap if cfg.faceswap.enabled else None
@@ -139,14 +140,18 @@ class _GroupToBatch(torch.utils.data.Dataset):
         swapped = np.zeros(n, dtype=bool)
         faces, face_landmarks = list(pil), list(landmarks)
         if self.swap_cfg is not None:
+            pool_images, pool_landmarks, pool_identity = (
+                (sources, landmarks, row_identity) if self.bank is None else self.bank
+            )
             for i in range(half, n):  # positives (P, NP), one at a time
-                donors = np.flatnonzero(row_identity != row_identity[i])
+                donors = np.flatnonzero(pool_identity != row_identity[i])
                 if rng.random() >= self.swap_cfg.p or donors.size == 0:
                     continue
                 d = int(rng.choice(donors))
                 out, out_lm, _ = face_swap_reference(
                     sources[i].astype(np.float64), landmarks[i].astype(np.float64),
-                    sources[d].astype(np.float64), landmarks[d].astype(np.float64), self.swap_cfg,
+                    np.asarray(pool_images[d], np.float64), np.asarray(pool_landmarks[d], np.float64),
+                    self.swap_cfg,
                 )  # fmt: skip
                 faces[i] = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
                 face_landmarks[i] = out_lm.astype(np.float32)
@@ -182,7 +187,7 @@ class TorchvisionBatchPipeline(BatchPipeline):
         groups = self._groups(self._epoch, self._index, self._stream_state)
         workers = self.data.num_workers
         loader = torch.utils.data.DataLoader(
-            _GroupToBatch(self.cfg, self.rank, self.rows_per_clip, self.layout),
+            _GroupToBatch(self.cfg, self.rank, self.rows_per_clip, self.layout, self.donor_bank),
             sampler=_GroupSampler(groups, states),
             batch_size=None,
             num_workers=workers,

@@ -211,6 +211,41 @@ def test_dali_and_torch_paths_draw_the_same_views(good_url):
     )  # the test can fail
 
 
+def test_donor_bank_is_shared_seeded_and_resumes_exactly(good_url, clips):
+    """faceswap.donors=bank: the same bank on every rank (one frame per clip, manifest order), donors of
+    another identity drawn per batch from it (not from the batch), and resume stays bit-exact."""
+    from pretrain.batches import make_batch_pipeline
+
+    cfg = _cfg(good_url, "faceswap.donors=bank", "faceswap.p=1.0")
+    rank0, rank1 = make_batch_pipeline(cfg, 0, 2, "cpu"), make_batch_pipeline(cfg, 1, 2, "cpu")
+    assert rank0.donor_bank.images.shape == (len(clips), 3, 64, 64)
+    assert torch.equal(rank0.donor_bank.images, rank1.donor_bank.images)
+    assert len(set(rank0.donor_bank.identity.tolist())) == 4
+    full = _take(make_batch_pipeline(cfg, 0, 1, "cpu"), 3)
+    assert all(bool(b.swapped[4:].all()) for b in full)  # p=1: every positive has a donor of another identity
+    from_batch = _take(make_batch_pipeline(_cfg(good_url, "faceswap.p=1.0"), 0, 1, "cpu"), 1)[0]
+    assert not torch.equal(from_batch.images[4:], full[0].images[4:])  # other donors, other pixels
+    assert torch.equal(from_batch.images[:4], full[0].images[:4])  # anchors untouched by the choice
+    pipe = make_batch_pipeline(cfg, 0, 1, "cpu")
+    _take(pipe, 1)
+    resumed = make_batch_pipeline(cfg, 0, 1, "cpu")
+    resumed.load_state_dict(pipe.state_dict())
+    for a, b in zip(full[1:], _take(resumed, 2)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.swapped, b.swapped)
+    tv = _take(make_batch_pipeline(_cfg(good_url, "faceswap.donors=bank", "faceswap.p=1.0",
+                                       "data.pipeline=torchvision"), 0, 1, "cpu"), 1)[0]  # fmt: skip
+    assert bool(tv.swapped[4:].all())
+
+
+def test_donor_bank_of_one_identity_is_a_clear_error(tmp_path, clips):
+    from pretrain.batches import make_batch_pipeline
+
+    url = str(tmp_path / "one")
+    _write(url, [c for c in clips if c.meta["identity_id"] == clips[0].meta["identity_id"]])
+    with pytest.raises(ValueError, match="faceswap.donors=bank.*at least 2 identities"):
+        make_batch_pipeline(_cfg(url, "faceswap.donors=bank", "data.batch_clips=2"), 0, 1, "cpu")
+
+
 def test_config_rejects_an_unknown_pipeline(good_url):
     from launch.configio import ConfigError
 
