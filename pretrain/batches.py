@@ -552,7 +552,7 @@ class DaliBatchPipeline(BatchPipeline):
         cfg = self.cfg.augment
         images = torch.cat([anchors, positives])
         landmarks = torch.cat([anchor_landmarks, positive_landmarks]).float()
-        n, size = images.shape[0], images.shape[-1]
+        size = images.shape[-1]
         # Every random parameter from the batch's seeded generator, in the torch path's order (anchors' family
         # first, then the positives'): both paths draw the same crops, flips, masks and colour factors.
         scale = (cfg.resize / size, cfg.resize / size)
@@ -565,9 +565,7 @@ class DaliBatchPipeline(BatchPipeline):
             landmarks.to(images.device), region, size, size, cfg.mask_scale, cfg.mask_min_aspect
         )
         masks &= params.mask.to(images.device)[:, None, None]
-        families = torch.zeros(n, dtype=torch.int32)
-        families[anchors.shape[0] :] = 1
-        return self._stages_ready().augment(images, masks, families, params)
+        return self._stages_ready().augment(images, masks, params)
 
     def _stages_ready(self):
         stages = getattr(self._local, "stages", None)

@@ -37,7 +37,7 @@ which DALI cannot call inside a graph without per-sample Python. So :class:`Dali
    CPU arithmetic ops took ~18 ms per 64-image batch for the same fill) - each one batched call seeded by
    ``(seed, epoch, rank, batch)``;
 3. *augmentation stage* (:func:`build_dali_pipeline` with ``input="images"``): ``external_source`` fed with
-   those device tensors (masked images, a masked flag and the family per row) -> resize, crop/flip, jitter, blur,
+   those device tensors (masked images and the drawn parameters per row) -> resize, crop/flip, jitter, blur,
    grayscale, normalisation as above, one DALI batch of 4B rows (the family input switches the jitter rule),
    copied back into a torch float (N, 3, crop, crop) device tensor.
 
@@ -117,7 +117,7 @@ def build_dali_pipeline(
 
     ``input="jpeg"``: ``source`` yields :data:`FrameBatch` es and masks are drawn by :class:`MaskedFeed`.
     ``input="images"``: no ``source``; the caller feeds the named inputs ``images`` (uint8 HWC, on the
-    pipeline's device, ellipse already filled), ``masked`` (uint8 per sample) and ``family`` (int32 per sample) with
+    pipeline's device, ellipse already filled) and the ``FED_PARAMS`` (float32 per sample) with
     ``feed_input`` before each ``run()`` (see :class:`DaliStages`).
     """
     from nvidia.dali import fn, pipeline_def, types
@@ -158,8 +158,6 @@ def build_dali_pipeline(
             images = fn.cast(images * (1.0 - maskf) + fill * maskf, dtype=types.UINT8)
         else:  # decoded, face-swapped and mask-filled frames from torch, already on the pipeline's device
             images = fn.external_source(name="images", device=device, dtype=types.UINT8, layout="HWC")
-            masked = fn.external_source(name="masked", device="cpu", dtype=types.UINT8) > 0
-            family = fn.external_source(name="family", device="cpu", dtype=types.INT32)
         if image_size != cfg.resize:
             images = fn.resize(images, resize_x=cfg.resize, resize_y=cfg.resize, antialias=True)
 
@@ -210,6 +208,8 @@ def build_dali_pipeline(
             images = fn.cat(grey, grey, grey, axis=2)
         images = fn.crop_mirror_normalize(images, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
 
+        if fed:  # the caller drew the parameters and knows them: no params output (~10 small ops per sample)
+            return images
         origin_x, origin_y = dmath.floor(crop_x * span + 0.5), dmath.floor(crop_y * span + 0.5)
         flags = (origin_x, origin_y, flip, jitter, blur, gray, masked, family)  # order of PARAM_NAMES
         params = fn.stack(*[fn.cast(v, dtype=types.FLOAT) for v in flags])
@@ -305,10 +305,8 @@ class DaliStages:
         (images,) = self.decoder.run()
         return to_torch(images, self.device, torch.uint8).permute(0, 3, 1, 2)
 
-    def augment(
-        self, images: torch.Tensor, masks: torch.Tensor, families: torch.Tensor, params: ViewParams
-    ) -> torch.Tensor:
-        """uint8 (N, 3, S, S) device images, bool (N, S, S) masks, int (N,) families and the drawn
+    def augment(self, images: torch.Tensor, masks: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """uint8 (N, 3, S, S) device images, bool (N, S, S) masks and the drawn
         :class:`pretrain.augment.ViewParams` of every row -> float (N, 3, crop, crop).
 
         The ellipse is filled with the image's mean colour here, in torch on the device, where the mask was
@@ -333,7 +331,5 @@ class DaliStages:
         if self.dali_device == "cpu":
             hwc = hwc.cpu().numpy()
         self.augmenter.feed_input("images", hwc)  # one dense batch; torch CUDA tensors are fed zero-copy
-        self.augmenter.feed_input("masked", masks.flatten(1).any(dim=1).to("cpu", torch.uint8).numpy())
-        self.augmenter.feed_input("family", families.to("cpu", torch.int32).numpy())
-        views, _params = self.augmenter.run()
+        (views,) = self.augmenter.run()
         return to_torch(views, self.device, torch.float32)

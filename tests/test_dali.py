@@ -148,7 +148,7 @@ def test_two_stage_decode_then_augment_from_torch_tensors(frames):
         [draw(4, "first", gen, (1.0, 1.0), "cpu"), draw(4, "second", gen, (1.0, 1.0), "cpu")]
     )
     assert 0 < int(params.flip.sum()) < BATCH  # both cases exercised
-    views = stages.augment(swapped, masks, torch.tensor([0] * 4 + [1] * 4), params)
+    views = stages.augment(swapped, masks, params)
     assert views.shape == (BATCH, 3, 112, 112) and views.dtype == torch.float32
     inside = views[0][:, 45:55, 45:55]  # crop origin <= 16: still inside the masked square
     assert (inside - swapped[0].float().mean(dim=(1, 2))[:, None, None] / 255).abs().max() < 2 / 255
@@ -157,7 +157,7 @@ def test_two_stage_decode_then_augment_from_torch_tensors(frames):
         crop = swapped[i, :, y : y + 112, x : x + 112].float() / 255
         expected = crop.flip(-1) if params.flip[i] else crop
         assert torch.allclose(views[i], expected, atol=1e-6), i
-    again = stages.augment(swapped, masks, torch.tensor([0] * 4 + [1] * 4), params)
+    again = stages.augment(swapped, masks, params)
     assert torch.equal(views, again)  # no hidden DALI randomness: same parameters, same views
 
 
