@@ -118,6 +118,8 @@ class Trainer:
     def maybe_resume(self) -> None:
         path = self.checkpointer.resolve(self.cfg.resume)
         if path is None:
+            if distributed.is_main():
+                _set_aside_metrics(self.run_dir / "metrics.jsonl")
             return
         state = self.checkpointer.load(self.engine, path, self.world_size, int(self.cfg.zero_stage))
         self.step, self.epoch = state["step"], state["epoch"]
@@ -370,6 +372,17 @@ def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def _set_aside_metrics(path: Path) -> None:
+    """A fresh run in a run_dir that holds an earlier run's metrics: keep those under another name (a fresh
+    run's step 1 must not follow the old run's last line) and say so."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(path.stat().st_mtime))
+    kept = path.with_name(f"metrics.{stamp}.jsonl")
+    os.replace(path, kept)
+    log.warning("fresh run in %s: the earlier run's metrics moved to %s", path.parent, kept.name)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -330,3 +330,9 @@ def test_single_process_run_writes_run_dir(clips_url, tmp_path):
     assert backbone(torch.zeros(1, 3, 48, 48)).shape == (1, 64)
     saved = (run_dir / "config.yaml").read_text()
     assert "batch_clips: 2" in saved and str(clips_url) in saved
+    # A fresh run in the same run_dir: its metrics start at step 1; the earlier run's are kept aside.
+    _launch("python", "launch/pretrain.py", ["--config", str(SMOKE), *TEST_OVERRIDES, f"data.url={clips_url}",
+                                             f"run_dir={run_dir}", "max_steps=3", "resume=never"])  # fmt: skip
+    assert [m["step"] for m in _metrics(run_dir)] == [1, 2, 3]
+    kept = list(run_dir.glob("metrics.*.jsonl"))
+    assert len(kept) == 1 and [json.loads(x)["step"] for x in kept[0].read_text().splitlines()] == [1, 2]
