@@ -186,7 +186,7 @@ def render(table, commands: list[str], wall_s: float, args, out: Path) -> str:
         "Higher is better for expression and V/A; LOWER identity accuracy/AUC means less identity leakage.",
         "What these numbers do and do not show, and why: [FINDINGS.md](FINDINGS.md).",
         "",
-        "![ablation](ablation.png)",
+        f"![ablation]({Path(args.report).with_suffix('.png').name})",
         "",
         "## Commands",
         "",
