@@ -88,12 +88,11 @@ def pinned_to(threads: int):
     same cores, however many threads or processes it starts (a DataLoader worker otherwise adds a core)."""
     before = os.sched_getaffinity(0)
     cores = set(sorted(before)[:threads])
-    tasks = [int(t) for t in os.listdir("/proc/self/task")]
 
     def pin_all(target: set[int]) -> None:
-        for task in [int(t) for t in os.listdir("/proc/self/task")] or tasks:
+        for task in os.listdir("/proc/self/task"):
             try:
-                os.sched_setaffinity(task, target)
+                os.sched_setaffinity(int(task), target)
             except OSError:  # a thread that ended meanwhile
                 pass
 

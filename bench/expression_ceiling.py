@@ -30,9 +30,7 @@ from torch import nn
 
 from data_shards.labels import EXPRESSIONS
 from data_shards.synth import EVAL_IDENTITY_OFFSET, SynthConfig, iter_eval_frames
-from data_shards.synth.expression import AU_NAMES
-from data_shards.synth.geometry import face_geometry
-from data_shards.synth.identity import make_identity
+from data_shards.synth.geometry import aligned_shapes
 from eval.metrics import accuracy, macro_f1, per_class_recall
 from pretrain.model import ResNetBackbone
 
@@ -126,20 +124,6 @@ def train_supervised(
     return logits.argmax(1).numpy()
 
 
-def aligned_landmarks(landmarks: np.ndarray) -> np.ndarray:
-    """Similarity-Procrustes align each (68, 2) shape to a frontal template (as in tests/test_synth.py)."""
-    template = face_geometry(make_identity(0, 0), np.zeros(len(AU_NAMES)), size=128).landmarks
-    template = template - template.mean(0)
-    template /= np.linalg.norm(template)
-    out = []
-    for shape in landmarks:
-        x = shape - shape.mean(0)
-        x /= np.linalg.norm(x)
-        u, _, vt = np.linalg.svd(x.T @ template)
-        out.append((x @ (u @ vt)).ravel())
-    return np.asarray(out)
-
-
 def landmark_logreg(
     train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, steps: int = 500
 ) -> np.ndarray:
@@ -221,7 +205,7 @@ def main() -> None:
         f"{len(people) - len(train_people)} held-out identities ({test.sum()} frames)"
     )
 
-    features = aligned_landmarks(data["landmarks"])
+    features = aligned_shapes(data["landmarks"])
     pred = landmark_logreg(features[train], data["labels"][train], features[test])
     y_test = data["labels"][test]
     k = len(EXPRESSIONS)

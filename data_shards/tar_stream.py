@@ -124,12 +124,10 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     long_name: str | None = None
     while True:
         header = source.read(BLOCK)
+        if not header:
+            raise EOFError("archive ends without its end-of-archive block (cut short between two members)")
         if len(header) < BLOCK:
-            header += _read_exactly(source, BLOCK - len(header), "a member header") if header else b""
-            if not header:
-                raise EOFError(
-                    "archive ends without its end-of-archive block (cut short between two members)"
-                )
+            header += _read_exactly(source, BLOCK - len(header), "a member header")
         if header.count(0) == BLOCK:
             return  # end-of-archive
         if not _checksum_ok(header):

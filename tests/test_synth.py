@@ -23,7 +23,7 @@ from data_shards.synth import (
     simulate_clip,
 )
 from data_shards.synth.cli import add_synth_arguments, config_from_args
-from data_shards.synth.geometry import face_geometry
+from data_shards.synth.geometry import aligned_shapes, face_geometry
 from data_shards.synth.identity import make_identity
 from data_shards.synth.render import FaceRenderer
 from data_shards.synth.timeline import still_timeline
@@ -138,20 +138,6 @@ def test_identity_cues_are_strong():
     assert accuracy >= 0.95
 
 
-def _aligned_shape_features(landmarks: np.ndarray) -> np.ndarray:
-    """Similarity-Procrustes align each (68, 2) shape to a fixed frontal template; removes position/scale/roll."""
-    template = face_geometry(make_identity(0, 0), np.zeros(len(AU_NAMES)), size=128).landmarks
-    template = template - template.mean(0)
-    template /= np.linalg.norm(template)
-    out = []
-    for shape in landmarks:
-        x = shape - shape.mean(0)
-        x /= np.linalg.norm(x)
-        u, _, vt = np.linalg.svd(x.T @ template)
-        out.append((x @ (u @ vt)).ravel())
-    return np.asarray(out)
-
-
 def _labelled_landmarks(seed: int, identities: range) -> tuple[np.ndarray, np.ndarray]:
     cfg = SynthConfig(identities=1, clips_per_identity=1, seconds=30.0, seed=seed)
     shapes, labels = [], []
@@ -159,7 +145,7 @@ def _labelled_landmarks(seed: int, identities: range) -> tuple[np.ndarray, np.nd
         sim = simulate_clip(cfg, identity, 0)
         shapes.append(sim.landmarks)
         labels.append(sim.timeline.expression)
-    return _aligned_shape_features(np.concatenate(shapes)), np.concatenate(labels)
+    return aligned_shapes(np.concatenate(shapes)), np.concatenate(labels)
 
 
 def test_expressions_are_learnable_from_landmarks_on_held_out_people():

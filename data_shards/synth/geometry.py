@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_shards.synth.expression import AU
-from data_shards.synth.identity import Identity
+from data_shards.synth.expression import AU, AU_NAMES
+from data_shards.synth.identity import Identity, make_identity
 
 
 @dataclass
@@ -300,3 +300,18 @@ def face_geometry(
     return FaceGeometry(
         landmarks, parts, amounts, ident.eye_height * 1.05 * ident.iris_scale * ident.scale * size
     )
+
+
+def aligned_shapes(landmarks: np.ndarray) -> np.ndarray:
+    """(N, 68, 2) shapes -> (N, 136) features: each shape similarity-Procrustes aligned to a frontal neutral
+    template (removes position, scale and roll), the geometry a landmark-based expression probe reads."""
+    template = face_geometry(make_identity(0, 0), np.zeros(len(AU_NAMES)), size=128).landmarks
+    template = template - template.mean(0)
+    template /= np.linalg.norm(template)
+    out = []
+    for shape in landmarks:
+        x = shape - shape.mean(0)
+        x /= np.linalg.norm(x)
+        u, _, vt = np.linalg.svd(x.T @ template)
+        out.append((x @ (u @ vt)).ravel())
+    return np.asarray(out)
