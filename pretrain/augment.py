@@ -162,16 +162,20 @@ def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def gaussian_blur_per_sample(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Blur float (N, C, H, W) with a per-sample sigma: one grouped separable conv, reflect padding."""
+    """Blur float (N, C, H, W) with a per-sample sigma: one grouped separable conv, reflect padding.
+
+    The depthwise convolutions run in channels-last layout: on the CPU oneDNN's NHWC depthwise kernels are
+    about 3x faster than its NCHW ones for these per-sample kernels (same result)."""
     n, c, h, w = images.shape
     radius = max(0, min(radius, h - 1, w - 1))  # reflect padding needs radius < size
     k = gaussian_kernels(sigma.to(images.device), radius).to(images.dtype)
     k = k.repeat_interleave(c, dim=0)  # (N*C, taps): the same kernel for the channels of one sample
+    nhwc = torch.channels_last
     x = images.reshape(1, n * c, h, w)
-    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, k[:, None, None, :], groups=n * c)
-    x = F.conv2d(x, k[:, None, :, None], groups=n * c)
-    return x.reshape(n, c, h, w)
+    x = F.pad(x, (radius, radius, radius, radius), mode="reflect").contiguous(memory_format=nhwc)
+    x = F.conv2d(x, k[:, None, None, :].contiguous(memory_format=nhwc), groups=n * c)
+    x = F.conv2d(x, k[:, None, :, None].contiguous(memory_format=nhwc), groups=n * c)
+    return x.contiguous().reshape(n, c, h, w)
 
 
 def luma(images: torch.Tensor) -> torch.Tensor:
@@ -190,13 +194,25 @@ def saturation_hue_matrices(saturation: torch.Tensor, hue: torch.Tensor) -> torc
     n = saturation.shape[0]
     mid = torch.zeros(n, 3, 3, dtype=torch.float64, device=saturation.device)
     mid[:, 0, 0] = 1.0
-    mid[:, 1, 1], mid[:, 1, 2] = cos, -sin
-    mid[:, 2, 1], mid[:, 2, 2] = sin, cos
+    # Clockwise in the I-Q plane: a positive hue takes red towards yellow, as torchvision (HSV) and DALI do.
+    mid[:, 1, 1], mid[:, 1, 2] = cos, sin
+    mid[:, 2, 1], mid[:, 2, 2] = -sin, cos
     return (from_yiq @ mid @ to_yiq).float()
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=gen, device=gen.device)
+
+
+def on_rows(x: torch.Tensor, selected: torch.Tensor, op) -> torch.Tensor:
+    """``op(rows, x[rows])`` written back into the selected rows of ``x`` (in place; ``x`` must be a tensor
+    this module made). Only the chosen samples pay for an op, and no full-batch ``torch.where`` is needed."""
+    if bool(selected.all()):
+        return op(slice(None), x)
+    rows = selected.nonzero()[:, 0]
+    if rows.numel():
+        x[rows] = op(rows, x[rows])
+    return x
 
 
 class ViewAugmenter:
@@ -273,14 +289,10 @@ class ViewAugmenter:
             x = F.interpolate(x, size=(cfg.resize, cfg.resize), mode="bilinear", antialias=True)
         x = self._crop_flip(x, p)
 
-        # 3. colour jitter (identity for samples that skip it).
-        x = torch.where(p.jitter[:, None, None, None], self._jitter(x, p.jitter_factors), x)
-        # 4. blur.
-        if bool(p.blur.any()):
-            blurred = gaussian_blur_per_sample(x, p.sigma, self.blur_radius)
-            x = torch.where(p.blur[:, None, None, None], blurred, x)
-        # 5. grayscale.
-        x = torch.where(p.gray[:, None, None, None], luma(x).expand_as(x), x)
+        # 3. colour jitter, 4. blur, 5. grayscale: each on the rows that drew it.
+        x = on_rows(x, p.jitter, lambda rows, y: self._jitter(y, p.jitter_factors[rows]))
+        x = on_rows(x, p.blur, lambda rows, y: gaussian_blur_per_sample(y, p.sigma[rows], self.blur_radius))
+        x = on_rows(x, p.gray, lambda rows, y: luma(y).expand_as(y))
         # 6. normalise.
         mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)

@@ -13,11 +13,15 @@ Ops, in order (``device="gpu"`` decodes with ``"mixed"`` (nvjpeg) and runs every
    as ``image * (1 - m) + mean(image) * m`` with ``fn.reductions.mean``. DALI has no ellipse-drawing op and the
    landmarks are data, so this split keeps the mask per sample without per-sample Python;
 3. resize to ``cfg.resize`` (only when the stored frames have another size);
-4. random crop ``cfg.crop`` + horizontal flip (``fn.crop_mirror_normalize``, uint8, no normalisation yet);
-5. colour jitter ``fn.color_twist`` under a per-sample condition (always for the first family when
-   ``jitter_always_first_family``); DALI's contrast pivots on mid-grey where the torch path uses the image mean;
-6. Gaussian blur with a per-sample sigma, conditional; 7. grayscale via ``fn.color_space_conversion``, conditional;
-8. ImageNet normalisation to float CHW.
+4. random crop ``cfg.crop`` + horizontal flip (``fn.crop_mirror_normalize``), straight to float in 0..1 (DALI's
+   CPU colour twist is ~2x faster on float than on uint8, and nothing is rounded to 8 bits between ops);
+5. colour jitter and grayscale as ONE ``fn.color_twist`` on every sample, no conditional: a sample that skips
+   jitter gets identity factors and grayscale is saturation 0 (the twist keeps luma, the grayscale formula);
+   then a clamp to 0..1. Same YIQ saturation/hue as the torch path and the same hue direction (red towards
+   yellow, as torchvision); DALI's contrast pivots on mid-grey where the torch path uses the image's mean grey;
+6. Gaussian blur with a per-sample sigma, conditional (grayscale before blur here, after it in the torch
+   path: both are linear, the order does not matter);
+7. ImageNet normalisation to float CHW.
 
 Outputs per sample: ``images`` (3, crop, crop) float and ``params`` = [crop_x, crop_y, flip, jitter, blur, gray,
 mask, family] (crop_x/y: the crop's top-left pixel in the resized image) so landmarks can be mapped.
@@ -33,7 +37,7 @@ which DALI cannot call inside a graph without per-sample Python. So :class:`Dali
    copied into one torch uint8 (N, H, W, 3) device tensor with the PyTorch plugin's ``feed_ndarray`` (on the current CUDA stream on GPU);
 2. *torch, on the device*: FaceSwap on the positive rows (P, NP) with donors from the whole decoded batch,
    the mouth-eye descriptors from the unswapped frames, and the landmark-ellipse masks of every row (from the
-   swapped landmarks for swapped rows), filled with each image's mean colour by one ``torch.where`` (DALI's
+   swapped landmarks for swapped rows), filled with each image's mean colour by planar uint8 arithmetic (DALI's
    CPU arithmetic ops took ~18 ms per 64-image batch for the same fill) - each one batched call seeded by
    ``(seed, epoch, rank, batch)``;
 3. *augmentation stage* (:func:`build_dali_pipeline` with ``input="images"``): ``external_source`` fed with
@@ -55,7 +59,7 @@ are drawn by torch from the batch's generator seeded by ``(seed, epoch, rank, ba
 as per-sample ``external_source`` inputs (``FED_PARAMS``) that drive ``crop_mirror_normalize``, ``color_twist``,
 ``gaussian_blur`` and the conditionals. A batch's views therefore do not depend on thread timing or on what the
 pipeline did before: a resumed run is bit-identical to the uninterrupted one, and the DALI and torch paths apply
-the same parameters to the same batch (only the pixel formulas of jitter/blur differ, see step 5). The standalone
+the same parameters to the same batch (only the contrast pivot differs, see step 5). The standalone
 ``input="jpeg"`` mode (benchmarks) draws with DALI's own ``fn.random`` ops from the pipeline seed instead.
 """
 
@@ -136,8 +140,6 @@ def build_dali_pipeline(
     feed = MaskedFeed(source, cfg, image_size, seed) if input == "jpeg" else None
     fed = input == "images"  # random parameters fed per batch (exact resume) rather than drawn by DALI
     b, c, s, h = cfg.jitter
-    mean = [255.0 * m for m in cfg.mean]
-    std = [255.0 * v for v in cfg.std]
 
     @pipeline_def(enable_conditionals=True)
     def views():
@@ -173,9 +175,11 @@ def build_dali_pipeline(
             crop_x = fn.random.uniform(range=[0.0, 1.0])
             crop_y = fn.random.uniform(range=[0.0, 1.0])
             flip = fn.random.coin_flip(probability=cfg.flip_p)
+        # To float in 0..1 right away: DALI's CPU colour twist is ~2x faster on float than on uint8, and the
+        # later ops then work without rounding to 8 bits in between (as the torch path does).
         images = fn.crop_mirror_normalize(
             images, crop=(cfg.crop, cfg.crop), crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=flip,
-            dtype=types.UINT8, output_layout="HWC",
+            mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0], dtype=types.FLOAT, output_layout="HWC",
         )  # fmt: skip
 
         if fed:
@@ -193,20 +197,34 @@ def build_dali_pipeline(
                     range=[-360.0 * h, 360.0 * h]
                 ),  # degrees; cfg is a fraction of a turn
             }
-        if jitter:
-            images = fn.color_twist(images, **factors)
+        gray = drawn["gray"] > 0.5 if fed else fn.random.coin_flip(probability=cfg.gray_p, dtype=types.BOOL)
+        # Jitter and grayscale as ONE colour twist on every sample (no conditional split/merge): a sample that
+        # skips jitter gets the identity factors, and grayscale is saturation 0 (the twist keeps luma
+        # Y = 0.299 R + 0.587 G + 0.114 B, the grayscale formula). Grayscale is applied before the blur here
+        # and after it in the torch path; both are linear, so the order does not change the result.
+        on = fn.cast(jitter, dtype=types.FLOAT)
+        keep_colour = 1.0 - fn.cast(gray, dtype=types.FLOAT)
+        images = fn.color_twist(
+            images,
+            brightness=1.0 + on * (factors["brightness"] - 1.0),
+            contrast=1.0 + on * (factors["contrast"] - 1.0),
+            saturation=(1.0 + on * (factors["saturation"] - 1.0)) * keep_colour,
+            hue=on * factors["hue"],
+            dtype=types.FLOAT,
+        )
+        # Back into 0..1, as the uint8 twist and the torch path do (saturation and hue push saturated colours
+        # out of gamut); min(max()) costs about half of DALI's fused clamp op on the CPU.
+        images = dmath.min(dmath.max(images, 0.0), 1.0)
         if fed:
             blur, sigma = drawn["blur"] > 0.5, drawn["sigma"]
         else:
             blur = fn.random.coin_flip(probability=cfg.blur_p, dtype=types.BOOL)
             sigma = fn.random.uniform(range=list(cfg.blur_sigma))
         if blur:
-            images = fn.gaussian_blur(images, sigma=sigma)
-        gray = drawn["gray"] > 0.5 if fed else fn.random.coin_flip(probability=cfg.gray_p, dtype=types.BOOL)
-        if gray:
-            grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
-            images = fn.cat(grey, grey, grey, axis=2)
-        images = fn.crop_mirror_normalize(images, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
+            images = fn.gaussian_blur(images, sigma=sigma, dtype=types.FLOAT)
+        images = fn.crop_mirror_normalize(
+            images, mean=list(cfg.mean), std=list(cfg.std), dtype=types.FLOAT, output_layout="CHW"
+        )
 
         if fed:  # the caller drew the parameters and knows them: no params output (~10 small ops per sample)
             return images
@@ -310,7 +328,7 @@ class DaliStages:
         :class:`pretrain.augment.ViewParams` of every row -> float (N, 3, crop, crop).
 
         The ellipse is filled with the image's mean colour here, in torch on the device, where the mask was
-        rasterised: the same fill as DALI arithmetic ops, at a sixth of their CPU cost. Crop, flip, jitter,
+        rasterised: the same fill as DALI arithmetic ops, at a tenth of their CPU cost. Crop, flip, jitter,
         blur and grayscale use ``params`` (drawn by torch from the batch's seeded generator, exactly as the
         torch path draws them), so a batch's views do not depend on the pipeline's history: resume is exact."""
         cfg = self.cfg
@@ -324,10 +342,18 @@ class DaliStages:
         }  # fmt: skip
         for name in FED_PARAMS:
             self.augmenter.feed_input(name, fed[name].to("cpu", torch.float32).contiguous().numpy())
-        masks = masks.to(images.device)
-        fill = images.float().mean(dim=(2, 3), keepdim=True).round().to(torch.uint8)
-        images = torch.where(masks[:, None], fill, images)
-        hwc = images.permute(0, 2, 3, 1).contiguous()
+        # The fill as planar uint8 arithmetic (vectorised; torch.where on uint8 is ~4x slower on the CPU),
+        # then one copy into DALI's HWC layout.
+        x = images.contiguous()
+        n, channels, height, width = x.shape
+        fill = (
+            (x.view(n, channels, -1).sum(dim=2, dtype=torch.float32) / (height * width))
+            .round()
+            .to(torch.uint8)
+        )
+        inside = masks.to(device=x.device, dtype=torch.uint8)[:, None]
+        x = x * (1 - inside) + fill[:, :, None, None] * inside
+        hwc = x.permute(0, 2, 3, 1).contiguous()
         if self.dali_device == "cpu":
             hwc = hwc.cpu().numpy()
         self.augmenter.feed_input("images", hwc)  # one dense batch; torch CUDA tensors are fed zero-copy

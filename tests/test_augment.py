@@ -146,6 +146,28 @@ def test_saturation_hue_identity_and_grey_is_invariant():
     torch.testing.assert_close(m[1] @ grey, grey, atol=1e-5, rtol=0)  # no chroma: nothing to rotate
 
 
+def test_positive_hue_turns_red_towards_yellow_as_torchvision_and_dali_do():
+    from torchvision.transforms.functional import adjust_hue
+
+    red = torch.tensor([0.8, 0.2, 0.2])
+    ours = saturation_hue_matrices(torch.tensor([1.0]), torch.tensor([0.1]))[0] @ red
+    theirs = adjust_hue(red.view(3, 1, 1), 0.1).flatten()
+    assert ours[1] > red[1] and ours[2] < red[2]  # green up, blue down: orange, not magenta
+    assert theirs[1] > red[1] and theirs[2] <= red[2]
+
+
+def test_ops_touch_only_the_rows_that_drew_them(faces):
+    images, lm = faces
+    cfg = AugmentConfig(**{**PLAIN, "jitter_p": 0.5, "blur_p": 0.5, "gray_p": 0.5, "crop": 128})
+    out, p = ViewAugmenter(cfg)(images, lm, "second", gen(2), return_params=True)
+    plain = ~(p.jitter | p.blur | p.gray)
+    assert 0 < int(plain.sum()) < len(plain)  # both kinds of rows in the batch: the test can fail
+    torch.testing.assert_close(out[plain], images[plain].float() / 255, atol=1e-6, rtol=0)
+    assert (out[~plain] - images[~plain].float() / 255).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    grey_rows = out[p.gray]
+    torch.testing.assert_close(grey_rows[:, 0], grey_rows[:, 2])
+
+
 def test_blur_keeps_constants_and_smooths_noise():
     x = torch.rand(4, 3, 32, 32, generator=gen())
     const = torch.full((4, 3, 32, 32), 0.3)

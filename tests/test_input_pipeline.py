@@ -191,21 +191,31 @@ def test_dali_pipeline_resumes_exactly(good_url):
         assert torch.equal(a.descriptors, b.descriptors)
 
 
-def test_dali_and_torch_paths_draw_the_same_views(good_url):
-    """Same batch, same seeded draws: with colour jitter and blur off (their pixel formulas differ by design),
-    the DALI and torch paths give the same crops, flips, masks and grayscale up to resampling/rounding."""
+@pytest.mark.parametrize(
+    "settings, grey_level_bound",
+    [
+        # crops, flips, masks (and grayscale at 20%): float all the way in both paths; measured 0.03.
+        (["augment.jitter_p=0", "augment.jitter_always_first_family=false", "augment.blur_p=0"], 0.5),
+        # + brightness, saturation and hue on every row, half of them grey, half blurred: same formulas (YIQ,
+        # same hue direction, luma grey, same Gaussian); DALI clamps once after its twist where the torch
+        # path clamps after each step. Measured 2.1 and 0.4 on the two batches.
+        (["augment.jitter_p=1", "augment.jitter=[0.4,0.0,0.4,0.1]", "augment.gray_p=0.5", "augment.blur_p=0.5"], 4.0),
+    ],
+)  # fmt: skip
+def test_dali_and_torch_paths_draw_the_same_views(good_url, settings, grey_level_bound):
+    """Same batch, same seeded draws, same views. Contrast is left out: DALI's pivots on mid-grey, the torch
+    path's on the image's mean grey (torchvision's rule), a documented difference."""
     from pretrain.batches import make_batch_pipeline
 
-    off = ["augment.jitter_p=0", "augment.jitter_always_first_family=false", "augment.blur_p=0"]
-    torch_views = _take(make_batch_pipeline(_cfg(good_url, *off), 0, 1, "cpu"), 2)
-    dali_views = _take(make_batch_pipeline(_cfg(good_url, "data.pipeline=dali", *off), 0, 1, "cpu"), 2)
+    torch_views = _take(make_batch_pipeline(_cfg(good_url, *settings), 0, 1, "cpu"), 2)
+    dali_views = _take(make_batch_pipeline(_cfg(good_url, "data.pipeline=dali", *settings), 0, 1, "cpu"), 2)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     for a, b in zip(torch_views, dali_views):
         grey_levels = ((a.images - b.images) * std * 255).abs()
-        # Each decoder resizes the stored frames to 64 px its own way, and DALI works in uint8 (rounded
-        # mask fill and grayscale): a few grey levels on average.
-        assert float(grey_levels.mean()) < 3.0, float(grey_levels.mean())
-    other = _take(make_batch_pipeline(_cfg(good_url, "data.pipeline=dali", "seed=1", *off), 0, 1, "cpu"), 1)
+        assert float(grey_levels.mean()) < grey_level_bound, float(grey_levels.mean())
+    other = _take(
+        make_batch_pipeline(_cfg(good_url, "data.pipeline=dali", "seed=1", *settings), 0, 1, "cpu"), 1
+    )
     assert (
         float(((other[0].images - torch_views[0].images) * std * 255).abs().mean()) > 10
     )  # the test can fail
