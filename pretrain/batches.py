@@ -221,6 +221,10 @@ class BatchPipeline:
         # On a CPU device the "device side" is CPU work too: the worker threads do it, a batch each (torch ops
         # release the GIL), so it overlaps the training step instead of running inside it.
         self.finish_in_workers = self.device.type == "cpu"
+        if self.finish_in_workers and self.data.keep_freed_memory:
+            from pretrain.allocator import keep_freed_memory
+
+            keep_freed_memory()  # no page faults for every multi-megabyte temporary of the CPU batch ops
         self.skips = SkipCounter(logger=log)  # counts by reason, rate-limited warnings
         self.counters = self.skips.counts
         check_dataset_access(self.data.url)  # wrong credentials / endpoint: a clear error before training

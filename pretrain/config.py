@@ -31,6 +31,7 @@ class DataConfig(StreamConfig):
     global_batch_clips: int | None = None  # clips per step over ALL ranks; set: split evenly into batch_clips
     num_workers: int = 2  # background threads preparing batches (whole batches on a CPU device); 0: inline
     prefetch: int = 4  # batches prepared ahead of the training step
+    keep_freed_memory: bool = True  # CPU device: glibc reuses freed tensor memory (pretrain/allocator.py)
     decode: Literal["auto", "device", "cpu"] = "auto"  # where JPEGs are decoded (auto: nvjpeg on CUDA)
     image_size: int = 128  # frames are resized to this on decode if the shards hold another size
     # torch: batched torch decode+augment; dali: DALI decode/augment stages around torch FaceSwap;

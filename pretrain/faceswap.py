@@ -273,8 +273,10 @@ def color_ratio(donor: torch.Tensor, warped: torch.Tensor, sigma: torch.Tensor, 
     blur_donor, blur_warped = blur_pooled(donor, mat_h, mat_w), blur_pooled(warped, mat_h, mat_w)
     # As in the classic recipe: avoid dividing by ~0 in dark areas.
     ratio = blur_donor / torch.where(blur_warped <= 1.0, blur_warped + 128.0, blur_warped)
+    if stride == 2:
+        return upsample2(ratio)
     if stride > 1:
-        ratio = F.interpolate(ratio, scale_factor=stride, mode="bilinear", align_corners=False)
+        return F.interpolate(ratio, scale_factor=stride, mode="bilinear", align_corners=False)
     return ratio
 
 
@@ -309,26 +311,42 @@ def face_swap(
     mat, t = similarity_transforms(src_pts[:, list(ALIGN_POINTS)], dst_pts[:, list(ALIGN_POINTS)])
     out_landmarks = apply_transform(src_pts, mat, t)
 
-    # Inverse map: donor pixel p -> source position A^-1 (p - t); normalised for grid_sample.
+    # Inverse map: donor pixel p -> source position A^-1 (p - t), as one affine map between grid_sample's
+    # normalised coordinates (pixel x = (u + 1) W / 2 - 1/2 in both frames, align_corners=False).
     inv = torch.linalg.inv(mat)
-    ys, xs = torch.meshgrid(
-        torch.arange(height, device=donor.device, dtype=torch.float32),
-        torch.arange(width, device=donor.device, dtype=torch.float32),
-        indexing="ij",
-    )
-    pix = torch.stack([xs, ys], dim=-1).reshape(1, -1, 2) - t[:, None]
-    src_xy = torch.einsum("nij,nkj->nki", inv, pix).reshape(n, height, width, 2)
     src_h, src_w = source.shape[-2:]
-    grid = torch.stack([(2 * src_xy[..., 0] + 1) / src_w - 1, (2 * src_xy[..., 1] + 1) / src_h - 1], dim=-1)
+    to_pixels = torch.diag(torch.tensor([width / 2, height / 2], device=donor.device))
+    to_unit = torch.diag(torch.tensor([2 / src_w, 2 / src_h], device=donor.device))
+    out_centre = torch.tensor([(width - 1) / 2, (height - 1) / 2], device=donor.device)
+    src_centre = torch.tensor([(src_w - 1) / 2, (src_h - 1) / 2], device=donor.device)
+    linear = to_unit @ inv @ to_pixels
+    shift = ((inv @ (out_centre - t)[..., None])[..., 0] - src_centre) @ to_unit.T
+    grid = F.affine_grid(
+        torch.cat([linear, shift[..., None]], dim=2), [n, 3, height, width], align_corners=False
+    )
     warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     iod = inter_ocular(dst_pts)
     mask = face_masks([out_landmarks, dst_pts], height, width, cfg.feather_fraction * iod)
 
     sigma = blur_kernel_sigma(iod, cfg.blur_fraction)
-    corrected = (warped * color_ratio(donor, warped, sigma, cfg.color_stride)).clamp(0, 255)
-    out = donor + (corrected - donor) * mask
-    return out, out_landmarks
+    corrected = (warped * color_ratio(donor, warped, sigma, cfg.color_stride)).clamp_(0, 255)
+    return torch.lerp(donor, corrected, mask), out_landmarks
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    """Bilinear 2x upsampling of (N, C, H, W), ``align_corners=False`` with edge clamping: what
+    ``F.interpolate(x, scale_factor=2, mode="bilinear")`` computes, at half its CPU time (each output is
+    3/4 of its own cell and 1/4 of the nearest neighbour cell)."""
+
+    def along(x: torch.Tensor, dim: int) -> torch.Tensor:
+        size = x.shape[dim]
+        before = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, size - 1)], dim)
+        after = torch.cat([x.narrow(dim, 1, size - 1), x.narrow(dim, size - 1, 1)], dim)
+        pair = torch.stack([torch.lerp(x, before, 0.25), torch.lerp(x, after, 0.25)], dim + 1)
+        return pair.flatten(dim, dim + 1)
+
+    return along(along(x, 3), 2)
 
 
 class FaceSwap:
@@ -373,7 +391,7 @@ class FaceSwap:
                 donor_landmarks[pick].to(device), self.cfg,
             )  # fmt: skip
             if images.dtype == torch.uint8:
-                result = result.round().clamp(0, 255).to(torch.uint8)
+                result = result.add_(0.5).clamp_(0, 255).to(torch.uint8)  # round half up: values are >= 0
             out_images[rows] = result.to(images.dtype)
             out_landmarks[rows] = result_lm
         return SwapResult(out_images, out_landmarks, swapped, donor_index)
