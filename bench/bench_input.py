@@ -18,10 +18,10 @@ to a temp dir: ClipStream from the shards -> TimeAug/HardNeg frame choice -> dec
 two-family augmentation -> mouth-eye descriptors, ``[A, NA, P, NP]`` batches of ``--clips`` clips; images/s and
 ratios against the torchvision DataLoader baseline. Last, the same torch path with per-frame landmark detection
 (``data_shards.faces.FaceAligner``: dlib HOG + 68-point predictor on every decoded frame in the loader threads, as
-the original code did) against landmarks read from the shard JSON.
+the original code did, with its one HOG upsampling pass, ``--dlib-upsample``) against landmarks read from the shards.
 
     OMP_NUM_THREADS=1 python bench/bench_input.py [--frames 512] [--batch 64] [--threads 1 2] [--clips 16]
-        [--parts views faceswap full]
+        [--parts views faceswap full] [--dlib-upsample 1]
 
 ``--threads N`` pins each measurement to the first N cores (every thread and worker process of every path),
 so all paths get the same hardware.
@@ -269,8 +269,8 @@ class DetectingPipeline:
     """Factory: the torch BatchPipeline whose loader threads detect landmarks on every decoded frame (dlib)."""
 
     @staticmethod
-    def build(cfg):
-        from data_shards.faces import FaceAligner
+    def build(cfg, upsample: int):
+        from data_shards.faces import FaceAligner, FaceConfig
         from pretrain.batches import BatchPipeline
 
         local = threading.local()
@@ -281,7 +281,8 @@ class DetectingPipeline:
                 host = super().prepare(group)
                 aligner = getattr(local, "aligner", None)
                 if aligner is None:
-                    aligner = local.aligner = FaceAligner()  # one per thread (dlib is not thread-safe)
+                    # one per thread (dlib is not thread-safe)
+                    aligner = local.aligner = FaceAligner(FaceConfig(upsample=upsample))
                 rows = [s["frames"][c[block]] for block in range(self.rows_per_clip)
                         for s, c in zip(group.samples, group.choices)]  # fmt: skip
                 for r, jpeg in enumerate(rows):
@@ -336,6 +337,10 @@ def main() -> None:
         "--parts", nargs="+", default=["views", "faceswap", "full"], choices=["views", "faceswap", "full"]
     )
     parser.add_argument("--full-batches", type=int, default=12, help="timed batches per full-path pipeline")
+    parser.add_argument(
+        "--dlib-upsample", type=int, default=1,
+        help="HOG upsampling of the per-frame dlib baseline; 1 as the original SSL-FER code, detector(image, 1)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
@@ -413,7 +418,7 @@ def run_full(args) -> None:
             stored = bench_full(make_batch_pipeline(cfg, 0, 1, "cpu"), args.full_batches)
             bench_local_vs_s3(stored, args, threads, Path(tmp))
             try:
-                detecting = DetectingPipeline.build(cfg)
+                detecting = DetectingPipeline.build(cfg, args.dlib_upsample)
             except Exception as err:  # noqa: BLE001 - dlib or its model missing: say so, do not fail the bench
                 print(f"\nper-frame landmark detection: skipped ({err})")
                 return
@@ -421,18 +426,19 @@ def run_full(args) -> None:
         hits, total = detecting.found
         print(
             f"\nlandmarks, full torch path, {threads} cores, images/s: stored in the shards {stored:.0f}, "
-            f"dlib on every frame {detect:.1f} (faces found on {hits}/{total} frames) -> stored is "
+            f"dlib (upsample {args.dlib_upsample}) on every frame {detect:.1f} "
+            f"(faces found on {hits}/{total} frames) -> stored is "
             f"{stored / detect:.1f}x faster"
         )
-        bench_landmark_stage(url)
+        bench_landmark_stage(url, args.dlib_upsample)
 
 
-def bench_landmark_stage(url: str, frames: int = 64) -> None:
+def bench_landmark_stage(url: str, upsample: int, frames: int = 64) -> None:
     """The landmark step alone, per frame, on one core: dlib HOG detection + 68-point fit on the decoded frame
     vs reading the shard's landmarks (landmarks.npy, and the JSON lists older shards carried)."""
     import json
 
-    from data_shards.faces import FaceAligner
+    from data_shards.faces import FaceAligner, FaceConfig
     from data_shards.read import iter_samples
 
     clips = [s for _, s in zip(range(8), iter_samples(store_first_shard(url)))]
@@ -455,7 +461,7 @@ def bench_landmark_stage(url: str, frames: int = 64) -> None:
             for text in as_json:
                 np.asarray(json.loads(text)["landmarks"], np.float32)
         json_s = (time.perf_counter() - start) / (5 * per_clip)
-        aligner = FaceAligner()
+        aligner = FaceAligner(FaceConfig(upsample=upsample))
         images = [np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for c in clips for f in c["frames"]][
             :frames
         ]
@@ -466,7 +472,8 @@ def bench_landmark_stage(url: str, frames: int = 64) -> None:
                 aligner.landmarks(rgb, boxes[0])
         dlib_s = (time.perf_counter() - start) / len(images)
     print(
-        f"landmark step alone, per frame, 1 core: dlib detection + 68 points {dlib_s * 1e3:.2f} ms, "
+        f"landmark step alone, per frame, 1 core: dlib detection (upsample {upsample}) + 68 points "
+        f"{dlib_s * 1e3:.2f} ms, "
         f"JSON lists {json_s * 1e6:.1f} us, landmarks.npy {npy_s * 1e6:.2f} us -> landmarks.npy is "
         f"{dlib_s / npy_s:,.0f}x faster than dlib ({dlib_s / json_s:,.0f}x for JSON)"
     )
