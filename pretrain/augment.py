@@ -7,9 +7,10 @@ One call augments a whole batch: every per-sample random parameter is drawn as a
    image's per-channel mean (the original code fixed the region for a whole run; we do not);
 2. resize to ``resize`` (antialiased, skipped when the input already has that size), random ``crop`` and
    horizontal flip as one integer gather (exact pixels, no interpolation);
-3. colour jitter: brightness, contrast, then saturation + hue as one 3x3 matrix per sample in YIQ space (the
-   same model as DALI's ``color_twist``, so both input paths agree; torchvision rotates hue in HSV instead);
-4. Gaussian blur with a per-sample sigma (grouped separable convolution);
+3. colour jitter: brightness, contrast around the image's mean grey (as torchvision), then saturation + hue as
+   one 3x3 matrix per sample in YIQ space (the same model and hue direction as DALI's ``color_twist``, so both
+   input paths agree; torchvision rotates hue in HSV instead), each only on the rows that drew it;
+4. Gaussian blur with a per-sample sigma (grouped separable convolution, channels-last);
 5. grayscale (ITU-R 601 luma, as torchvision);
 6. ImageNet normalisation, optionally channels_last.
 

@@ -18,7 +18,10 @@ Ops, in order (``device="gpu"`` decodes with ``"mixed"`` (nvjpeg) and runs every
 5. colour jitter and grayscale as ONE ``fn.color_twist`` on every sample, no conditional: a sample that skips
    jitter gets identity factors and grayscale is saturation 0 (the twist keeps luma, the grayscale formula);
    then a clamp to 0..1. Same YIQ saturation/hue as the torch path and the same hue direction (red towards
-   yellow, as torchvision); DALI's contrast pivots on mid-grey where the torch path uses the image's mean grey;
+   yellow, as torchvision). DALI's contrast pivots on mid-grey where the torch path (like torchvision) uses the
+   image's mean grey: the difference is a grey offset per sample, computed from the crop's mean colour
+   (``fn.reductions.mean``) and folded into the clamp bounds and the normalisation mean, so both paths give
+   the same contrast without another pass over the pixels;
 6. Gaussian blur with a per-sample sigma, conditional (grayscale before blur here, after it in the torch
    path: both are linear, the order does not matter);
 7. ImageNet normalisation to float CHW.
@@ -59,7 +62,8 @@ are drawn by torch from the batch's generator seeded by ``(seed, epoch, rank, ba
 as per-sample ``external_source`` inputs (``FED_PARAMS``) that drive ``crop_mirror_normalize``, ``color_twist``,
 ``gaussian_blur`` and the conditionals. A batch's views therefore do not depend on thread timing or on what the
 pipeline did before: a resumed run is bit-identical to the uninterrupted one, and the DALI and torch paths apply
-the same parameters to the same batch (only the contrast pivot differs, see step 5). The standalone
+the same parameters to the same batch with the same formulas (DALI clamps once after its twist, the torch
+path after each jitter step: bright rows differ by a few grey levels). The standalone
 ``input="jpeg"`` mode (benchmarks) draws with DALI's own ``fn.random`` ops from the pipeline seed instead.
 """
 
@@ -71,7 +75,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pretrain.augment import MASK_REGIONS, AugmentConfig, ViewParams, ellipse_masks
+from pretrain.augment import LUMA, MASK_REGIONS, AugmentConfig, ViewParams, ellipse_masks
 
 FAMILIES = {"first": 0, "second": 1}
 PARAM_NAMES = ("crop_x", "crop_y", "flip", "jitter", "blur", "gray", "mask", "family")
@@ -181,6 +185,7 @@ def build_dali_pipeline(
             images, crop=(cfg.crop, cfg.crop), crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=flip,
             mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0], dtype=types.FLOAT, output_layout="HWC",
         )  # fmt: skip
+        images_before_twist = images
 
         if fed:
             jitter = drawn["jitter"] > 0.5
@@ -204,17 +209,28 @@ def build_dali_pipeline(
         # and after it in the torch path; both are linear, so the order does not change the result.
         on = fn.cast(jitter, dtype=types.FLOAT)
         keep_colour = 1.0 - fn.cast(gray, dtype=types.FLOAT)
+        brightness = 1.0 + on * (factors["brightness"] - 1.0)
+        contrast = 1.0 + on * (factors["contrast"] - 1.0)
         images = fn.color_twist(
             images,
-            brightness=1.0 + on * (factors["brightness"] - 1.0),
-            contrast=1.0 + on * (factors["contrast"] - 1.0),
+            brightness=brightness,
+            contrast=contrast,
             saturation=(1.0 + on * (factors["saturation"] - 1.0)) * keep_colour,
             hue=on * factors["hue"],
             dtype=types.FLOAT,
         )
-        # Back into 0..1, as the uint8 twist and the torch path do (saturation and hue push saturated colours
-        # out of gamut); min(max()) costs about half of DALI's fused clamp op on the CPU.
-        images = dmath.min(dmath.max(images, 0.0), 1.0)
+        # DALI's contrast pivots on mid-grey (0.5); the torch path pivots on the image's mean grey as torchvision
+        # does. The two differ by a grey offset per sample, shift = b (1 - c) (mean luma - 0.5), which the
+        # saturation/hue matrix, the blur and grayscale all leave as it is, so it is applied for free: in the
+        # clamp bounds below and in the per-sample mean of the final normalisation (no extra pass over pixels).
+        rgb_mean = fn.reductions.mean(images_before_twist, axes=[0, 1])
+        if device == "gpu":  # three numbers per sample; op arguments live on the CPU (dynamic executor)
+            rgb_mean = rgb_mean.cpu()
+        luma_mean = fn.reductions.sum(rgb_mean * types.Constant(list(LUMA), dtype=types.FLOAT), axes=[0])
+        shift = brightness * (1.0 - contrast) * (luma_mean - 0.5)
+        # Back into 0..1 (in the torch path's terms), as the torch path does (saturation and hue push saturated
+        # colours out of gamut); min(max()) costs about half of DALI's fused clamp op on the CPU.
+        images = dmath.min(dmath.max(images, 0.0 - shift), 1.0 - shift)
         if fed:
             blur, sigma = drawn["blur"] > 0.5, drawn["sigma"]
         else:
@@ -222,8 +238,9 @@ def build_dali_pipeline(
             sigma = fn.random.uniform(range=list(cfg.blur_sigma))
         if blur:
             images = fn.gaussian_blur(images, sigma=sigma, dtype=types.FLOAT)
+        mean = types.Constant(list(cfg.mean), dtype=types.FLOAT) - shift  # (3,) per sample
         images = fn.crop_mirror_normalize(
-            images, mean=list(cfg.mean), std=list(cfg.std), dtype=types.FLOAT, output_layout="CHW"
+            images, mean=mean, std=list(cfg.std), dtype=types.FLOAT, output_layout="CHW"
         )
 
         if fed:  # the caller drew the parameters and knows them: no params output (~10 small ops per sample)

@@ -15,8 +15,7 @@ the benchmark has an honest reference and users have a fallback that needs nothi
 * the main process adds the mouth-eye descriptors (from the unswapped frames, as the other paths).
 
 Differences from the batched paths (same distributions, different pixels): torchvision's hue jitter rotates
-in HSV (the torch and DALI paths use YIQ), its contrast pivots on the grey mean, and its blur kernel size is
-fixed at ``2 * ceil(3 * sigma_max) + 1``.
+in HSV (the torch and DALI paths use YIQ), and its blur kernel size is fixed at ``2 * ceil(3 * sigma_max) + 1``.
 
 Determinism and resume: each batch seeds ``torch``, ``random`` and NumPy from ``(seed, epoch, rank, batch)``
 before its per-sample draws, so a batch does not depend on which worker made it, and the DataLoader returns
