@@ -94,12 +94,15 @@ def build_data(out: Path, args) -> tuple[Path, Path]:
     return pre, ev
 
 
-def pretrain_cmd(variant: str, seed: int, run_dir: Path, data: Path, steps: int) -> list[str]:
+def pretrain_cmd(
+    variant: str, seed: int, run_dir: Path, data: Path, steps: int, extra: list[str] | None = None
+) -> list[str]:
+    """The deepspeed command of one run; ``extra`` (``--set``) overrides come last, so they win."""
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     return [
         deepspeed, "--num_gpus", "2", "launch/pretrain.py", "--config", "launch/configs/demo.yaml",
         f"run_dir={run_dir}", f"data.url={data}", f"max_steps={steps}", f"seed={seed}", f"data.seed={seed}",
-        "resume=never", "log_every=50", f"checkpoint_every={steps}", *VARIANTS[variant],
+        "resume=never", "log_every=50", f"checkpoint_every={steps}", *VARIANTS[variant], *(extra or []),
     ]  # fmt: skip
 
 
@@ -230,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="all", help="comma-separated slugs, or all")
     parser.add_argument("--report", default="docs/results/ablation.md")
     parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="config override for every pretraining run (repeatable), e.g. faceswap.p_warmup_steps=1000",
+    )  # fmt: skip
+    parser.add_argument(
         "--report-only", action="store_true", help="re-render the report from an earlier run's results"
     )
     args = parser.parse_args(argv)
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             name = f"{slug(variant)}-s{seed}"
             run_dir = out / name
-            cmd = pretrain_cmd(variant, seed, run_dir, pre, args.steps)
+            cmd = pretrain_cmd(variant, seed, run_dir, pre, args.steps, args.set)
             commands.append(shlex.join(["deepspeed", *cmd[1:]]).replace(str(REPO) + "/", ""))
             if not (run_dir / "backbone.pt").exists():
                 run(cmd, log=out / f"{name}.log")

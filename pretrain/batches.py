@@ -186,6 +186,7 @@ class _ClipGroup:
     index: int
     samples: list[dict[str, Any]]
     choices: list[tuple[int, ...]]  # frame positions per clip, in row-block order
+    swap_p: float = 0.0  # FaceSwap probability for this batch (faceswap.p, ramped by faceswap.p_warmup_steps)
 
 
 @dataclass
@@ -201,6 +202,7 @@ class HostBatch:
     jpegs: list[bytes] | None = None  # device decode path
     images: torch.Tensor | None = None  # CPU decode path: uint8 (N, 3, S, S)
     bad_rows: list[int] = field(default_factory=list)
+    swap_p: float = 0.0  # FaceSwap probability for this batch
 
 
 class BatchPipeline:
@@ -319,6 +321,7 @@ class BatchPipeline:
             clips = iter(self.stream)
             refills = 0
             steps = self.steps_in_epoch(epoch)
+            steps_before = self.total_steps(epoch) if self.cfg.faceswap.p_warmup_steps else 0
             while index < steps:
                 rng = make_rng(self.cfg.seed, epoch, self.rank, index)
                 samples, choices = [], []
@@ -342,9 +345,20 @@ class BatchPipeline:
                     samples.append(sample)
                     choices.append(choice)
                 state = self.stream.state_dict()
-                yield _ClipGroup(epoch, index, samples, choices), state
+                swap_p = self.swap_probability(steps_before + index)
+                yield _ClipGroup(epoch, index, samples, choices, swap_p), state
                 index += 1
             epoch, index, stream_state = epoch + 1, 0, None
+
+    def swap_probability(self, step: int) -> float:
+        """FaceSwap probability of the ``step``-th batch of the run (0-based): ``faceswap.p``, ramped up linearly
+        from 0 over ``faceswap.p_warmup_steps``. A function of the batch position only, so resume is exact."""
+        swap = self.cfg.faceswap
+        if not swap.enabled:
+            return 0.0
+        if swap.p_warmup_steps <= 0:
+            return swap.p
+        return swap.p * min(1.0, step / swap.p_warmup_steps)
 
     def _choose(self, sample: dict[str, Any], rng) -> tuple[int, ...] | None:
         frames, meta = sample["frames"], sample["meta"]
@@ -384,6 +398,7 @@ class BatchPipeline:
             identity=torch.tensor(
                 [identity_code(s["meta"].get("identity_id", s["key"])) for s in group.samples]
             ),
+            swap_p=group.swap_p,
         )
         if self.decode_on_device:
             host.jpegs = jpegs
@@ -436,7 +451,7 @@ class BatchPipeline:
             )
             result = self.swap(
                 positives, positive_landmarks, identity[half:], gen,
-                donor_images=donors[0], donor_landmarks=donors[1], donor_identity=donors[2],
+                donor_images=donors[0], donor_landmarks=donors[1], donor_identity=donors[2], p=host.swap_p,
             )  # fmt: skip
             positives, positive_landmarks = result.images, result.landmarks
             swapped[half:] = result.swapped

@@ -67,6 +67,7 @@ class FaceSwapSection(FaceSwapConfig):
     # bank of frames read from the dataset when the pipeline starts (donors drawn per batch, seeded).
     donors: str = "batch"  # batch: other rows of the batch; bank: fixed dataset frames (pretrain/donors.py)
     donor_bank_frames: int = 256  # donor bank size (donors=bank): one frame per clip, manifest order
+    p_warmup_steps: int = 0  # ramp faceswap.p linearly from 0 over this many batches (0: p from the start)
 
     def validate(self) -> None:
         from launch.configio import ConfigError
@@ -74,6 +75,10 @@ class FaceSwapSection(FaceSwapConfig):
         super().validate()
         if self.donors not in ("batch", "bank"):
             raise ConfigError(f"config key 'faceswap.donors': must be batch or bank, got {self.donors!r}")
+        if self.p_warmup_steps < 0:
+            raise ConfigError(
+                f"config key 'faceswap.p_warmup_steps': must be >= 0, got {self.p_warmup_steps}"
+            )
         if self.donor_bank_frames < 2:
             raise ConfigError(
                 f"config key 'faceswap.donor_bank_frames': need >= 2 frames, got {self.donor_bank_frames}"

@@ -366,17 +366,20 @@ class FaceSwap:
         donor_landmarks: torch.Tensor | None = None,
         donor_identity: torch.Tensor | None = None,
         donor_index: torch.Tensor | None = None,
+        p: float | None = None,
     ) -> SwapResult:
         """``images`` (N,3,H,W) uint8 or float 0..255 with ``landmarks`` (N,68,2) and integer ``identity`` (N,).
 
         The donor pool defaults to the batch itself. ``donor_index`` (N,) fixes the donors (-1: no swap);
-        otherwise they are drawn with ``generator`` among pool entries of another identity.
+        otherwise they are drawn with ``generator`` among pool entries of another identity. ``p`` overrides
+        the configured probability for this call (a warm-up schedule); the draws are the same either way.
         """
         if donor_images is None:
             donor_images, donor_landmarks, donor_identity = images, landmarks, identity
         device = images.device
         n = images.shape[0]
-        coin = torch.rand(n, generator=generator, device=generator.device).to(device) < self.cfg.p
+        p = self.cfg.p if p is None else p
+        coin = torch.rand(n, generator=generator, device=generator.device).to(device) < p
         if donor_index is None:
             donor_index = draw_donors(identity.to(device), donor_identity.to(device), generator)
         donor_index = donor_index.to(device).long()

@@ -144,7 +144,7 @@ class _GroupToBatch(torch.utils.data.Dataset):
             )
             for i in range(half, n):  # positives (P, NP), one at a time
                 donors = np.flatnonzero(pool_identity != row_identity[i])
-                if rng.random() >= self.swap_cfg.p or donors.size == 0:
+                if rng.random() >= group.swap_p or donors.size == 0:
                     continue
                 d = int(rng.choice(donors))
                 out, out_lm, _ = face_swap_reference(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.ablation import VARIANTS, select_variants, slug, write_random_init
+from launch.ablation import VARIANTS, pretrain_cmd, select_variants, slug, write_random_init
 from pretrain.model import load_backbone
 
 
@@ -15,6 +15,14 @@ def test_variants_are_selected_by_exact_slug():
     assert select_variants("all") == list(VARIANTS)
     with pytest.raises(ValueError, match="unknown \\['timeaug-maskfn'\\]"):
         select_variants("timeaug-maskfn")
+
+
+def test_set_overrides_come_after_the_variant_so_they_win(tmp_path):
+    variant = "all four (SSL-FER)"
+    cmd = pretrain_cmd(variant, 1, tmp_path / "run", tmp_path / "data", 300, ["faceswap.p=0.5"])
+    assert cmd[-1] == "faceswap.p=0.5" and cmd[-1 - len(VARIANTS[variant]) : -1] == VARIANTS[variant]
+    assert "seed=1" in cmd and "max_steps=300" in cmd
+    assert pretrain_cmd(variant, 1, tmp_path / "run", tmp_path / "data", 300)[-1] == VARIANTS[variant][-1]
 
 
 def test_random_init_backbone_is_loadable_seeded_and_carries_its_config(tmp_path):

@@ -223,6 +223,36 @@ def test_dali_and_torch_paths_draw_the_same_views(good_url, settings, grey_level
     )  # the test can fail
 
 
+@pytest.mark.parametrize("kind", ["torch", "torchvision"])
+def test_faceswap_probability_warms_up_with_the_batch_position(good_url, kind):
+    """faceswap.p_warmup_steps: p ramps from 0 to faceswap.p over the first batches of the run, counted
+    across epochs, in every pipeline; a resumed run gets the same probabilities (they depend on position)."""
+    from pretrain.batches import make_batch_pipeline
+
+    extra = ["data.batch_clips=4", "faceswap.p=1.0"]
+    pipe = make_batch_pipeline(
+        _cfg(good_url, f"data.pipeline={kind}", *extra, "faceswap.p_warmup_steps=4"), 0, 1, "cpu"
+    )
+    assert [pipe.swap_probability(s) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+    assert pipe.steps_in_epoch(0) < 4  # the ramp spans epochs
+
+    def swap_rate(batch) -> float:  # among positives that have a donor of another identity in the batch
+        half = batch.images.shape[0] // 2
+        identity = batch.identity
+        has_donor = (identity[half:, None] != identity[None, :]).any(dim=1)
+        return (
+            float(batch.swapped[half:][has_donor].float().mean()) if bool(has_donor.any()) else float("nan")
+        )
+
+    rates = [swap_rate(b) for b in _take(pipe, 7)]
+    assert rates[0] == 0.0  # step 0: p = 0
+    late = [r for r in rates[4:] if r == r]
+    assert late and all(r == 1.0 for r in late)  # from step 4 on: p = 1, every such positive swapped
+    assert any(r > 0.0 for r in rates[1:4] if r == r)  # on the ramp: some (the test can fail)
+    plain = _take(make_batch_pipeline(_cfg(good_url, f"data.pipeline={kind}", *extra), 0, 1, "cpu"), 1)
+    assert swap_rate(plain[0]) == 1.0  # no warm-up: p at once
+
+
 def test_donor_bank_is_shared_seeded_and_resumes_exactly(good_url, clips):
     """faceswap.donors=bank: the same bank on every rank (one frame per clip, manifest order), donors of
     another identity drawn per batch from it (not from the batch), and resume stays bit-exact."""
