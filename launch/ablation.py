@@ -54,6 +54,7 @@ VARIANTS: dict[str, list[str]] = {
     "timeaug+hardneg+maskfn": ["sampling.hard_negatives=true", "faceswap.enabled=false", "loss.fn_mode=pick"],
     "all four (SSL-FER)": ["sampling.hard_negatives=true", "faceswap.enabled=true", "loss.fn_mode=pick"],
 }
+FULL_METHOD = "all four (SSL-FER)"
 COLUMNS = [
     ("expression", "linear_macro_f1", "expr macro-F1", 100),
     ("expression", "linear_accuracy", "expr acc", 100),
@@ -110,10 +111,13 @@ RANDOM_INIT = "random init (no pretraining)"
 
 
 def select_variants(spec: str) -> list[str]:
-    """``all`` or comma-separated exact slugs ("timeaug-hardneg-maskfn" does not also select "timeaug")."""
+    """``all`` (every variant) or comma-separated exact slugs ("timeaug-hardneg-maskfn" does not also select
+    "timeaug"). The full method's slug is ``all`` too (its run folders are ``all-s<seed>``), so alone it would
+    mean every variant: ``sslfer`` names the full method unambiguously."""
     if spec == "all":
         return list(VARIANTS)
     wanted = [w.strip() for w in spec.split(",") if w.strip()]
+    wanted = [slug(FULL_METHOD) if w == "sslfer" else w for w in wanted]
     unknown = sorted(set(wanted) - {slug(v) for v in VARIANTS})
     if unknown or not wanted:
         raise ValueError(f"--variants: unknown {unknown}; choose from {[slug(v) for v in VARIANTS]} or all")
@@ -230,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--identities", type=int, default=48)
     parser.add_argument("--eval-identities", type=int, default=40)
-    parser.add_argument("--variants", default="all", help="comma-separated slugs, or all")
+    parser.add_argument(
+        "--variants",
+        default="all",
+        help="comma-separated slugs, or all (every variant); sslfer = the full method",
+    )
     parser.add_argument("--report", default="docs/results/ablation.md")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",

@@ -13,6 +13,7 @@ def test_variants_are_selected_by_exact_slug():
     assert select_variants("timeaug-hardneg-maskfn") == ["timeaug+hardneg+maskfn"]
     assert select_variants("simclr,all") == ["simclr", "all four (SSL-FER)"]
     assert select_variants("all") == list(VARIANTS)
+    assert select_variants("sslfer") == ["all four (SSL-FER)"]  # "all" alone means every variant
     with pytest.raises(ValueError, match="unknown \\['timeaug-maskfn'\\]"):
         select_variants("timeaug-maskfn")
 
