@@ -8,8 +8,9 @@ from a pool (by default the batch itself). Then, all samples at once:
 2. the source is warped into the donor frame (``grid_sample``, border padding);
 3. mask = union of the convex hulls of eyes+brows and of nose+mouth, for the warped source landmarks and the
    donor landmarks (so none of the donor's own expression shows through). Hulls are found for the whole batch at
-   once (an edge i->j is on the hull iff all points lie on one side of it) and rasterised as the intersection of
-   their half-planes, which also gives a signed distance used for a linear feather;
+   once (one gift-wrap step from every point, kept where all points lie on the inner side of the edge) and
+   rasterised as the intersection of their half-planes - only inside a box that holds every non-zero mask
+   value - which also gives a signed distance used for a linear feather;
 4. colour correction: warped source x blur(donor) / blur(warped source), Gaussian width ``blur_fraction`` x the
    donor's inter-ocular distance (kernel width as in the classic OpenCV recipe, sigma per sample); the blurs
    are banded matrix products, and by default (``color_stride`` 2) the smooth ratio is computed on a 2x2-pooled
