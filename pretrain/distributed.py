@@ -13,7 +13,9 @@ over all rows of the global batch (see ``pretrain.loss.DistributedInfoNCE``).
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import glob
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -99,7 +101,24 @@ def init_distributed(backend: Backend = "auto", timeout_s: float = 1800.0) -> Di
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    atexit.register(remove_shm_buffers, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], rank)
     return DistInfo(rank, world_size, local_rank, backend)
+
+
+def remove_shm_buffers(addr: str, port: str, rank: int, root: str = "/dev/shm") -> list[str]:
+    """Delete this rank's DeepSpeed CPU all-reduce buffers (``deepspeed_allreduce_buffer_*_ADDR_PORT_RANK``).
+
+    DeepSpeed's shared-memory all-reduce on CPU leaves 64 MiB per rank in /dev/shm after every run; on a
+    machine that runs many jobs (this project's test suite, an ablation) they add up to gigabytes of RAM, until
+    Ray's memory monitor starts killing workers. Registered at exit by :func:`init_distributed`."""
+    removed = []
+    for path in glob.glob(os.path.join(root, f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}")):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:  # already gone, or not ours to delete
+            pass
+    return removed
 
 
 def destroy_distributed() -> None:

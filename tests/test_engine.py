@@ -12,6 +12,7 @@ is exercised as in training.
 
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 import signal
@@ -56,6 +57,8 @@ def _launch(kind: str, script: str, args: list[str], timeout: float = 150) -> su
     assert proc.returncode == 0, (
         f"{' '.join(cmd + args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     )
+    # Each rank removed DeepSpeed's 64 MiB shared-memory all-reduce buffers on exit (they used to pile up).
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), "leftover /dev/shm buffers"
     return proc
 
 
@@ -336,3 +339,19 @@ def test_single_process_run_writes_run_dir(clips_url, tmp_path):
     assert [m["step"] for m in _metrics(run_dir)] == [1, 2, 3]
     kept = list(run_dir.glob("metrics.*.jsonl"))
     assert len(kept) == 1 and [json.loads(x)["step"] for x in kept[0].read_text().splitlines()] == [1, 2]
+
+
+def test_remove_shm_buffers_deletes_only_this_ranks_files(tmp_path):
+    from pretrain.distributed import remove_shm_buffers
+
+    names = [
+        "deepspeed_allreduce_buffer_0_127.0.0.1_29500_0",
+        "deepspeed_allreduce_buffer_0_127.0.0.1_29500_1",  # another rank
+        "deepspeed_allreduce_buffer_0_127.0.0.1_29501_0",  # another run
+        "other_file_127.0.0.1_29500_0",
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_shm_buffers("127.0.0.1", "29500", 0, root=str(tmp_path))
+    assert [Path(p).name for p in removed] == [names[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
