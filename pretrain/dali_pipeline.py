@@ -37,7 +37,8 @@ which DALI cannot call inside a graph without per-sample Python. So :class:`Dali
    ``[A, NA, P, NP]`` order) -> ``fn.decoders.image`` (``"mixed"`` = nvjpeg on the GPU, ``"cpu"`` here) ->
    ``fn.resize`` to ``data.image_size`` for frames stored at another size (``fn.peek_image_shape`` of the
    JPEG decides per sample; a same-size resize costs three times the decode); the output TensorList is
-   copied into one torch uint8 (N, H, W, 3) device tensor with the PyTorch plugin's ``feed_ndarray`` (on the current CUDA stream on GPU);
+   copied into one torch uint8 (N, H, W, 3) device tensor with the PyTorch plugin's ``feed_ndarray`` (on the current CUDA stream on GPU)
+   and made planar (N, 3, H, W) once, as the torch ops that follow want it;
 2. *torch, on the device*: FaceSwap on the positive rows (P, NP) with donors from the whole decoded batch,
    the mouth-eye descriptors from the unswapped frames, and the landmark-ellipse masks of every row (from the
    swapped landmarks for swapped rows), filled with each image's mean colour by planar uint8 arithmetic (DALI's

@@ -25,6 +25,7 @@ from pretrain.faceswap import (
     hull_signed_distance,
     similarity_transforms,
     toy_faces,
+    upsample2,
 )
 
 
@@ -70,6 +71,8 @@ def test_blur_matrices_are_the_grouped_convolution_and_pool():
     torch.testing.assert_close(blurred, gaussian_blur_per_sample(x, sigma, radius), atol=2e-3, rtol=0)
     pooled = blur_matrices(sigma, 32, radius, 2)
     torch.testing.assert_close(blur_pooled(x, pooled, pooled), F.avg_pool2d(blurred, 2), atol=2e-3, rtol=0)
+    expected = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample2(x), expected, atol=1e-3, rtol=0)
 
 
 def test_boxed_face_masks_equal_the_full_frame_rasterisation(faces):
@@ -161,4 +164,4 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="faceswap.p"):
         from_dict(FaceSwapConfig, {"p": 2.0})
     with pytest.raises(ConfigError, match="faceswap.color_stride"):
-        from_dict(FaceSwapConfig, {"color_stride": 3})
+        from_dict(FaceSwapConfig, {"color_stride": 4})
