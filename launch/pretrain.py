@@ -11,6 +11,7 @@ Everything after ``--config PATH`` is ``key=value`` overrides (see ``pretrain/co
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    faulthandler.enable()  # a rank that dies in C++ (gloo, NCCL, DALI) still prints each thread's Python stack
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_path, overrides = parse_args(argv)
     from pretrain.config import PretrainConfig

@@ -35,6 +35,7 @@ def launcher_env(**extra: str) -> dict[str, str]:
         TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".cache/torch_extensions"),
         PYTHONPATH=str(REPO),
         PYTHONUNBUFFERED="1",
+        PYTHONFAULTHANDLER="1",  # a rank that aborts in C++ still prints every thread's Python stack
         PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
     )
     for key in [k for k in env if k.startswith("SSLFER_INJECT_")]:

@@ -55,7 +55,7 @@ def _launch(kind: str, script: str, args: list[str], timeout: float = 150) -> su
         cmd + args, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, (
-        f"{' '.join(cmd + args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        f"{' '.join(cmd + args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-12000:]}"
     )
     # Each rank removed DeepSpeed's 64 MiB shared-memory all-reduce buffers on exit (they used to pile up).
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), "leftover /dev/shm buffers"
@@ -355,3 +355,22 @@ def test_remove_shm_buffers_deletes_only_this_ranks_files(tmp_path):
     removed = remove_shm_buffers("127.0.0.1", "29500", 0, root=str(tmp_path))
     assert [Path(p).name for p in removed] == [names[0]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
+def test_a_rank_that_aborts_in_native_code_prints_its_python_stack():
+    """launch/pretrain.py enables faulthandler first: a C++ abort (gloo, NCCL, DALI) names the Python line."""
+    code = (
+        "import os, sys\n"
+        "from launch.pretrain import main\n"
+        "main(['--config', 'no-such-config.yaml'])\n"  # fails fast with exit code 2, after enabling faulthandler
+        "def native_abort():\n"
+        "    os.abort()\n"
+        "native_abort()\n"
+    )
+    env = {k: v for k, v in launcher_env().items() if k != "PYTHONFAULTHANDLER"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == -signal.SIGABRT, proc.stderr[-2000:]
+    assert "Fatal Python error: Aborted" in proc.stderr, proc.stderr[-2000:]
+    assert "line 5 in native_abort" in proc.stderr, proc.stderr[-2000:]
