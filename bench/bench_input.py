@@ -237,7 +237,7 @@ def make_shards(url: str, clips: int) -> str:
     return url
 
 
-def _pipeline_cfg(url: str, kind: str, clips: int, threads: int):
+def _pipeline_cfg(url: str, kind: str, clips: int, threads: int, device: str = "cpu"):
     from launch.configio import load_config
     from pretrain.config import PretrainConfig
 
@@ -245,7 +245,7 @@ def _pipeline_cfg(url: str, kind: str, clips: int, threads: int):
         PretrainConfig,
         None,
         [f"data.url={url}", f"data.pipeline={kind}", f"data.batch_clips={clips}", f"data.num_workers={threads}",
-         "data.prefetch=4", "data.shuffle_buffer=16", "device=cpu", "data.equalize=repeat"],
+         "data.prefetch=4", "data.shuffle_buffer=16", f"device={device}", "data.equalize=repeat"],
     )  # fmt: skip
 
 
@@ -257,12 +257,27 @@ def bench_full(pipeline, batches: int) -> float:
     try:
         for _ in range(pipeline.data.prefetch + 2):
             next(it)
+        _sync(pipeline.device)
         start, images = time.perf_counter(), 0
         for _ in range(batches):
             images += next(it).images.shape[0]
+        _sync(pipeline.device)  # device work is queued asynchronously: count it inside the window
         return images / (time.perf_counter() - start)
     finally:
         pipeline.close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class DetectingPipeline:
@@ -338,6 +353,15 @@ def main() -> None:
     )
     parser.add_argument("--full-batches", type=int, default=12, help="timed batches per full-path pipeline")
     parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"],
+        help="where the full path's torch and DALI pipelines finish batches (cuda: nvJPEG decode, the GPU goal)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-extras",
+        action="store_true",
+        help="full part: skip local-vs-S3 and the per-frame dlib comparison",
+    )
+    parser.add_argument(
         "--dlib-upsample", type=int, default=1,
         help="HOG upsampling of the per-frame dlib baseline; 1 as the original SSL-FER code, detector(image, 1)",
     )  # fmt: skip
@@ -387,30 +411,39 @@ def run_faceswap(args) -> None:
 def run_full(args) -> None:
     from pretrain.batches import make_batch_pipeline
 
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    kinds = ["torch", "dali", "torchvision"] if dali_available() else ["torch", "torchvision"]
     with tempfile.TemporaryDirectory() as tmp:
         url = make_shards(str(Path(tmp) / "clips"), 2 * args.clips)
         print(
-            f"\nfull input path, images/s (shards -> sampling -> decode -> FaceSwap -> 2-family augmentation -> "
-            f"descriptors; {args.clips} clips = {4 * args.clips} images per batch, {args.full_batches} batches):"
+            f"\nfull input path on {device}, images/s (shards -> sampling -> decode -> FaceSwap -> 2-family "
+            f"augmentation -> descriptors; {args.clips} clips = {4 * args.clips} images per batch, "
+            f"{args.full_batches} batches; every image is one {_crop()}-px view):"
         )
         print(f"{'cores':>8} {'torch':>8} {'dali':>8} {'torchvision':>12} {'torch/tv':>9} {'dali/tv':>8}")
         for threads in args.threads:
-            torch.set_num_threads(threads)
-            rates = {}
-            for kind in ("torch", "dali", "torchvision"):
+            rates = {"dali": float("nan")}
+            for kind in kinds:
                 # On a CPU device the pipeline's `threads` worker threads each finish whole batches (and the
                 # DataLoader's worker processes each run one): one intra-op thread each, as a CPU rank runs
                 # (OMP_NUM_THREADS=1); more would oversubscribe the cores (measured: up to ~3x slower).
                 torch.set_num_threads(1)
                 with pinned_to(threads):
-                    pipe = make_batch_pipeline(_pipeline_cfg(url, kind, args.clips, threads), 0, 1, "cpu")
-                    rates[kind] = bench_full(pipe, args.full_batches)
+                    cfg = _pipeline_cfg(url, kind, args.clips, threads, device)
+                    rates[kind] = bench_full(make_batch_pipeline(cfg, 0, 1, device), args.full_batches)
             tv = rates["torchvision"]
             print(
                 f"{threads:>8} {rates['torch']:>8.0f} {rates['dali']:>8.0f} {tv:>12.0f} "
                 f"{rates['torch'] / tv:>8.2f}x {rates['dali'] / tv:>7.2f}x   quadruples/s (A, NA, P, NP): "
                 f"{rates['torch'] / 4:.0f} / {rates['dali'] / 4:.0f} / {tv / 4:.0f}"
             )
+            if device == "cuda":
+                best = max(rates["torch"], rates["dali"] if rates["dali"] == rates["dali"] else 0.0)
+                print(f"{'':>8} views/s on one GPU: {best:,.0f} (goal >= 20,000 per H200)")
+        if args.no_extras:
+            return
         threads = max(args.threads)
         torch.set_num_threads(1)
         cfg = _pipeline_cfg(url, "torch", args.clips, threads)
@@ -431,6 +464,12 @@ def run_full(args) -> None:
             f"{stored / detect:.1f}x faster"
         )
         bench_landmark_stage(url, args.dlib_upsample)
+
+
+def _crop() -> int:
+    from pretrain.augment import AugmentConfig
+
+    return AugmentConfig().crop
 
 
 def bench_landmark_stage(url: str, upsample: int, frames: int = 64) -> None:

@@ -32,8 +32,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
+def enable_crash_stacks() -> None:
+    """A rank that dies in native code (gloo, NCCL, DALI) still prints each thread's Python stack."""
+    if faulthandler.is_enabled():
+        return
+    try:  # the process's own stderr: sys.stderr may be a captured stream without a file descriptor
+        faulthandler.enable(file=sys.__stderr__)
+    except (AttributeError, ValueError, OSError):  # no stderr at all (pythonw, closed): nothing to write to
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    faulthandler.enable()  # a rank that dies in C++ (gloo, NCCL, DALI) still prints each thread's Python stack
+    enable_crash_stacks()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_path, overrides = parse_args(argv)
     from pretrain.config import PretrainConfig

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU session in one call: every GPU check of the project, results under $OUT.
+#   here:   bash scripts/gpu_wheels.sh            (once; fills .whl/)
+#   device: run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=540)
+# Parts, each logged on its own and run even if an earlier one failed:
+#   1. bench/gpu_check.py: nvJPEG decode, augmentation and FaceSwap as device ops, loss on CUDA vs fp64 CPU,
+#      NCCL all-gather with gradient, bf16 + channels_last ResNet-50 steps;
+#   2. bench/bench_input.py --device cuda: the full input path's views/s on one GPU against the torchvision
+#      DataLoader baseline (same cores, same run) - the issue's ">= 20,000 views/s per H200";
+#   3. launch/pretrain.py with the paper config (ResNet-50, 512 images/step, bf16, channels_last, FaceSwap,
+#      MaskFN) for $STEPS steps on SynthFace: images/s and the data-wait share of a step (goal < 5%).
+# DEVICE=cpu with small CLIPS/STEPS/MODEL runs the same steps on a CPU (tests/test_bench_scripts.py does).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-runs/gpu_session}
+CLIPS=${CLIPS:-128}          # clips per step: 4x images ([A, NA, P, NP]); the paper's 512 images on one GPU
+STEPS=${STEPS:-60}
+THREADS=${THREADS:-$(nproc)}
+IDENTITIES=${IDENTITIES:-256} # SynthFace corpus: IDENTITIES x 4 clips of 8 s at 128 px (8 steps per epoch at 128)
+MODEL=${MODEL:-}             # extra overrides for the pretraining run (tests: a tiny model on CPU)
+PY=${PY:-python3}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+# The carried wheels (make gpu-wheels) only where the host lacks them: never shadow an installed DeepSpeed.
+if ! $PY -c "import deepspeed, prometheus_client" >/dev/null 2>&1 && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl \
+    || echo "[gpu_session] wheel install failed"
+  export PYTHONPATH="$WORK/site:$PWD"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+status=0
+part() {  # part NAME CMD...: run, log to $OUT/NAME.log, remember a failure, go on
+  local name=$1; shift
+  echo "== $name: $*"
+  local start=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+  [ $rc = 0 ] || status=1
+}
+
+{ date -u; uname -a; $PY -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; } | tee "$OUT/machine.txt"
+
+if [ "$DEVICE" = cuda ]; then
+  part gpu_check $PY bench/gpu_check.py --out "$OUT/gpu_check.md"
+fi
+part bench_input $PY bench/bench_input.py --parts full --device "$DEVICE" --threads "$THREADS" \
+  --clips "$CLIPS" --full-batches 20 --no-extras
+part synth $PY -m data_shards synth --out "$WORK/clips" --identities "$IDENTITIES" --clips-per-identity 4 \
+  --seconds 8 --size 128 --seed 0
+precision=bf16
+[ "$DEVICE" = cuda ] || precision=fp32
+# shellcheck disable=SC2086 # MODEL is a list of overrides
+part pretrain $PY launch/pretrain.py --config launch/configs/sslfer.yaml data.url="$WORK/clips" \
+  run_dir="$WORK/run" device="$DEVICE" precision=$precision zero_stage=0 max_steps="$STEPS" log_every=10 \
+  checkpoint_every=0 data.pipeline=torch data.global_batch_clips="$CLIPS" \
+  data.num_workers="$THREADS" metrics.port_base=0 $MODEL
+cp "$WORK/run/metrics.jsonl" "$OUT/pretrain_metrics.jsonl" 2>/dev/null
+cp "$WORK/run/config.yaml" "$OUT/pretrain_config.yaml" 2>/dev/null
+part data_wait $PY bench/data_wait.py "$OUT/pretrain_metrics.jsonl"
+exit $status
