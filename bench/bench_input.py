@@ -12,6 +12,10 @@ family (anchors), half the second (positives). Paths:
 Then FaceSwap: the per-sample NumPy/SciPy recipe (``face_swap_reference``, the classic OpenCV-style loop) against
 the batched torch version on the same pairs.
 
+Then (``--parts shapes``) FaceSwap and one view family with static shapes (``data.shapes=static``: every row
+computed, no value read back to the host - the CUDA default) against dynamic ones (only the rows that drew an
+op - the CPU default), on ``--device``.
+
 Then the **full pretraining input path** (``data.pipeline`` = torch | dali | torchvision, built by
 ``pretrain.batches.make_batch_pipeline`` exactly as the engine builds it) on the same SynthFace clip shards written
 to a temp dir: ClipStream from the shards -> TimeAug/HardNeg frame choice -> decode -> FaceSwap of the positives ->
@@ -21,7 +25,7 @@ ratios against the torchvision DataLoader baseline. Last, the same torch path wi
 the original code did, with its one HOG upsampling pass, ``--dlib-upsample``) against landmarks read from the shards.
 
     OMP_NUM_THREADS=1 python bench/bench_input.py [--frames 512] [--batch 64] [--threads 1 2] [--clips 16]
-        [--parts views faceswap full] [--dlib-upsample 1]
+        [--parts views faceswap shapes full] [--device cpu|cuda] [--no-extras] [--dlib-upsample 1]
 
 ``--threads N`` pins each measurement to the first N cores (every thread and worker process of every path),
 so all paths get the same hardware.
@@ -349,8 +353,9 @@ def main() -> None:
         "--clips", type=int, default=16, help="clips per batch in the full input path (4x images)"
     )
     parser.add_argument(
-        "--parts", nargs="+", default=["views", "faceswap", "full"], choices=["views", "faceswap", "full"]
-    )
+        "--parts", nargs="+", default=["views", "faceswap", "shapes", "full"],
+        choices=["views", "faceswap", "shapes", "full"],
+    )  # fmt: skip
     parser.add_argument("--full-batches", type=int, default=12, help="timed batches per full-path pipeline")
     parser.add_argument(
         "--device", default="cpu", choices=["cpu", "cuda"],
@@ -376,6 +381,8 @@ def main() -> None:
         run_views(args)
     if "faceswap" in args.parts:
         run_faceswap(args)
+    if "shapes" in args.parts:
+        run_shapes(args)
     if "full" in args.parts:
         run_full(args)
 
@@ -406,6 +413,52 @@ def run_faceswap(args) -> None:
     for threads in args.threads:
         reference, batched = bench_faceswap(args.swap_pairs, threads, args.repeats)
         print(f"{threads:>8} {reference:>11.1f} {batched:>9.1f} {batched / reference:>6.1f}x")
+
+
+def run_shapes(args) -> None:
+    """data.shapes: the device-side ops with static shapes (no host reads; the CUDA default) vs dynamic."""
+    from pretrain.augment import AugmentConfig, ViewAugmenter
+    from pretrain.faceswap import FaceSwap, FaceSwapConfig, toy_faces
+
+    device = torch.device(args.device)
+    n = args.batch
+    images, landmarks = (t.to(device) for t in toy_faces(n, 128, torch.Generator().manual_seed(0)))
+    identity = torch.arange(n, device=device)
+
+    def swap_call(static: bool):
+        swap, gen = (
+            FaceSwap(FaceSwapConfig(p=0.8), static=static),
+            torch.Generator(device=device).manual_seed(0),
+        )
+        return lambda: swap(images[n // 2 :], landmarks[n // 2 :], identity[n // 2 :], gen,
+                            donor_images=images, donor_landmarks=landmarks, donor_identity=identity)  # fmt: skip
+
+    def views_call(static: bool):
+        aug, gen = (
+            ViewAugmenter(AugmentConfig(), static=static),
+            torch.Generator(device=device).manual_seed(0),
+        )
+        return lambda: aug(images, landmarks, "first", gen)
+
+    def ms_per_call(fn, calls: int = 4) -> float:
+        def epoch() -> int:
+            for _ in range(calls):
+                fn()
+            _sync(device)
+            return calls
+
+        epoch()  # warm-up
+        return 1e3 / best_rate(epoch, args.repeats)
+
+    print(
+        f"\nshapes on {device}, ms per call ({n // 2} positives, FaceSwap p = 0.8; {n} views of one family):"
+    )
+    print(f"{'threads':>8} {'swap dyn':>9} {'swap static':>12} {'views dyn':>10} {'views static':>13}")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        with pinned_to(threads):
+            row = [ms_per_call(make(static)) for make in (swap_call, views_call) for static in (False, True)]
+        print(f"{threads:>8} {row[0]:>9.1f} {row[1]:>12.1f} {row[2]:>10.1f} {row[3]:>13.1f}")
 
 
 def run_full(args) -> None:

@@ -5,8 +5,9 @@
 # Parts, each logged on its own and run even if an earlier one failed:
 #   1. bench/gpu_check.py: nvJPEG decode, augmentation and FaceSwap as device ops, loss on CUDA vs fp64 CPU,
 #      NCCL all-gather with gradient, bf16 + channels_last ResNet-50 steps;
-#   2. bench/bench_input.py --device cuda: the full input path's views/s on one GPU against the torchvision
-#      DataLoader baseline (same cores, same run) - the ">= 20,000 views/s per H200";
+#   2. bench/bench_input.py --device cuda: FaceSwap and views with static vs dynamic shapes (data.shapes), and
+#      the full input path's views/s on one GPU against the torchvision DataLoader baseline (same cores, same
+#      run) - the ">= 20,000 views/s per H200";
 #   3. launch/pretrain.py with the paper config (ResNet-50, 512 images/step, bf16, channels_last, FaceSwap,
 #      MaskFN) for $STEPS steps on SynthFace: images/s and the data-wait share of a step (goal < 5%).
 # DEVICE=cpu with small CLIPS/STEPS/MODEL runs the same steps on a CPU (tests/test_bench_scripts.py does).
@@ -50,7 +51,7 @@ part() {  # part NAME CMD...: run, log to $OUT/NAME.log, remember a failure, go 
 if [ "$DEVICE" = cuda ]; then
   part gpu_check $PY bench/gpu_check.py --out "$OUT/gpu_check.md"
 fi
-part bench_input $PY bench/bench_input.py --parts full --device "$DEVICE" --threads "$THREADS" \
+part bench_input $PY bench/bench_input.py --parts shapes full --device "$DEVICE" --threads "$THREADS" \
   --clips "$CLIPS" --full-batches 20 --no-extras
 part synth $PY -m data_shards synth --out "$WORK/clips" --identities "$IDENTITIES" --clips-per-identity 4 \
   --seconds 8 --size 128 --seed 0

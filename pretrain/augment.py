@@ -155,10 +155,13 @@ def ellipse_masks(
     return dx * dx + dy * dy <= 1.0
 
 
-def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """(N, 2*radius+1) normalised 1-D Gaussian kernels, one per sigma."""
+def gaussian_kernels(sigma: torch.Tensor, radius: int, limit: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, 2*radius+1) normalised 1-D Gaussian kernels, one per sigma. With ``limit`` (N,), taps further out
+    than ``limit[i]`` are zero: each sample keeps its own radius inside the common width."""
     taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
     k = torch.exp(-0.5 * (taps[None, :] / sigma.float()[:, None].clamp_min(1e-6)) ** 2)
+    if limit is not None:
+        k = k * (taps.abs()[None, :] <= limit.to(k.device, torch.float32)[:, None])
     return k / k.sum(dim=1, keepdim=True)
 
 
@@ -205,9 +208,14 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor
     return lo + (hi - lo) * torch.rand(n, generator=gen, device=gen.device)
 
 
-def on_rows(x: torch.Tensor, selected: torch.Tensor, op) -> torch.Tensor:
+def on_rows(x: torch.Tensor, selected: torch.Tensor, op, static: bool = False) -> torch.Tensor:
     """``op(rows, x[rows])`` written back into the selected rows of ``x`` (in place; ``x`` must be a tensor
-    this module made). Only the chosen samples pay for an op, and no full-batch ``torch.where`` is needed."""
+    this module made). Only the chosen samples pay for an op, and no full-batch ``torch.where`` is needed.
+
+    ``static``: every row is computed and ``selected`` picks per row, with no data-dependent shape - no host
+    sync on a GPU (where the extra rows cost less than a stall of the stream); the same result."""
+    if static:
+        return torch.where(selected.view(-1, *[1] * (x.dim() - 1)), op(slice(None), x), x)
     if bool(selected.all()):
         return op(slice(None), x)
     rows = selected.nonzero()[:, 0]
@@ -219,9 +227,10 @@ def on_rows(x: torch.Tensor, selected: torch.Tensor, op) -> torch.Tensor:
 class ViewAugmenter:
     """Augment a batch of uint8 face images into float views; see the module docstring for the ops."""
 
-    def __init__(self, cfg: AugmentConfig | None = None):
+    def __init__(self, cfg: AugmentConfig | None = None, static: bool = False):
         self.cfg = cfg or AugmentConfig()
         self.cfg.validate()
+        self.static = static  # no host syncs (data-dependent shapes): the GPU setting, see on_rows
         self.blur_radius = math.ceil(3 * self.cfg.blur_sigma[1])
 
     def draw_params(
@@ -291,9 +300,12 @@ class ViewAugmenter:
         x = self._crop_flip(x, p)
 
         # 3. colour jitter, 4. blur, 5. grayscale: each on the rows that drew it.
-        x = on_rows(x, p.jitter, lambda rows, y: self._jitter(y, p.jitter_factors[rows]))
-        x = on_rows(x, p.blur, lambda rows, y: gaussian_blur_per_sample(y, p.sigma[rows], self.blur_radius))
-        x = on_rows(x, p.gray, lambda rows, y: luma(y).expand_as(y))
+        st = self.static
+        x = on_rows(x, p.jitter, lambda rows, y: self._jitter(y, p.jitter_factors[rows]), st)
+        x = on_rows(
+            x, p.blur, lambda rows, y: gaussian_blur_per_sample(y, p.sigma[rows], self.blur_radius), st
+        )
+        x = on_rows(x, p.gray, lambda rows, y: luma(y).expand_as(y), st)
         # 6. normalise.
         mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)

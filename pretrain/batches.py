@@ -241,7 +241,12 @@ class BatchPipeline:
                 f"data.batch_clips={self.data.batch_clips}: lower data.batch_clips or use more data/fewer ranks"
             )
         self.sampler = FrameSampler(cfg.sampling)
-        self.swap = FaceSwap(cfg.faceswap) if cfg.faceswap.enabled else None
+        # Static shapes on a GPU: FaceSwap and the views compute every row and select, so no op waits for a
+        # data-dependent size (a host sync that drains the stream); on a CPU only the rows that need an op pay.
+        self.static_shapes = self.data.shapes == "static" or (
+            self.data.shapes == "auto" and self.device.type == "cuda"
+        )
+        self.swap = FaceSwap(cfg.faceswap, static=self.static_shapes) if cfg.faceswap.enabled else None
         self.donor_bank = None  # faceswap.donors=bank: donors from a fixed bank, not from the batch
         if self.swap is not None and cfg.faceswap.donors == "bank":
             from pretrain.donors import load_donor_bank
@@ -251,7 +256,7 @@ class BatchPipeline:
                 resilient_reader(iter_samples, self.skips), self.skips,
             )  # fmt: skip
             self.donor_bank = bank.to(self.device)
-        self.augment = ViewAugmenter(cfg.augment)
+        self.augment = ViewAugmenter(cfg.augment, static=self.static_shapes)
         self.descriptor = (
             _build_descriptor(cfg).to(self.device).eval() if cfg.loss.fn_mode != "none" else None
         )

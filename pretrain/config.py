@@ -37,6 +37,7 @@ class DataConfig(StreamConfig):
     # torch: batched torch decode+augment; dali: DALI decode/augment stages around torch FaceSwap;
     # torchvision: per-sample PIL + torchvision transforms in a DataLoader (baseline, fallback)
     pipeline: Literal["torch", "dali", "torchvision"] = "torch"
+    shapes: Literal["auto", "static", "dynamic"] = "auto"  # device work: static = no host syncs (auto: CUDA)
 
     def validate(self) -> None:
         super().validate()
@@ -51,6 +52,10 @@ class DataConfig(StreamConfig):
             raise ConfigError("config key 'data.num_workers' must be >= 0 and 'data.prefetch' >= 1")
         if self.image_size < 16:
             raise ConfigError(f"config key 'data.image_size': must be >= 16, got {self.image_size}")
+        if self.shapes not in ("auto", "static", "dynamic"):
+            raise ConfigError(
+                f"config key 'data.shapes': must be auto, static or dynamic, got {self.shapes!r}"
+            )
         if self.pipeline not in ("torch", "dali", "torchvision"):
             raise ConfigError(
                 f"config key 'data.pipeline': must be torch, dali or torchvision, got {self.pipeline!r}"

@@ -159,11 +159,8 @@ def transform_landmarks(
     x = (landmarks[..., 0] - x0[:, None]) * sx[:, None]
     y = (landmarks[..., 1] - y0[:, None]) * sy[:, None]
     out = torch.stack([x, y], dim=-1)
-    flips = flips.to(torch.bool)
-    if flips.any():
-        mirrored = torch.stack([out_size - x, y], dim=-1)[:, MIRROR]
-        out = torch.where(flips[:, None, None], mirrored, out)
-    return out
+    mirrored = torch.stack([out_size - x, y], dim=-1)[:, MIRROR]  # for every row: no host sync on a GPU
+    return torch.where(flips.to(torch.bool)[:, None, None], mirrored, out)
 
 
 def _region_boxes(landmarks: torch.Tensor, points: list[int], margin: float) -> torch.Tensor:

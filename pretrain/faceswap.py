@@ -106,14 +106,15 @@ def apply_transform(points: torch.Tensor, mat: torch.Tensor, t: torch.Tensor) ->
     return torch.einsum("nij,nkj->nki", mat, points) + t[:, None]
 
 
-def hull_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hull_edges(points: torch.Tensor, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact convex hull edges of (N, K, 2) points as half-planes: unit outward normals (N, E, 2), offsets (N, E).
 
     Batched gift wrapping, one step for every point at once: from point i the candidate edge goes to the most
     clockwise other point, seen from i relative to the direction of the centroid (which lies inside the cone
     of the other points whenever i is a hull vertex). The candidate is a hull edge iff every point lies on its
     inner side (cross product >= 0): one (N, K, K) test, no per-sample hull algorithm. Rows with fewer than E
-    edges are padded with never-binding half-planes (offset +inf).
+    edges are padded with never-binding half-planes (offset +inf). E is the largest edge count in the batch,
+    or K with ``static`` (no host sync to read the count).
     """
     p = points.float()
     n, k = p.shape[:2]
@@ -130,7 +131,7 @@ def hull_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     valid = (cross >= -1e-4 * edge_length[..., None]).all(dim=-1) & (edge_length > 1e-6)  # (N, K)
     earlier = torch.ones(k, k, dtype=torch.bool, device=p.device).tril(diagonal=-1)  # j < i
     valid &= ~((length <= 1e-6) & earlier).any(dim=-1)  # a repeated point starts no second copy of an edge
-    count = int(valid.sum(dim=1).max())
+    count = k if static else int(valid.sum(dim=1).max())
     order = valid.float().argsort(dim=1, descending=True, stable=True)[:, :count]  # valid edges first
     edge = edge.gather(1, order[..., None].expand(-1, -1, 2))
     edge_length = edge_length.gather(1, order).clamp_min(1e-6)
@@ -193,7 +194,7 @@ def offset_hull_bounds(normals: torch.Tensor, offsets: torch.Tensor, grow: torch
 
 
 def face_masks(
-    landmark_sets: list[torch.Tensor], height: int, width: int, feather: torch.Tensor
+    landmark_sets: list[torch.Tensor], height: int, width: int, feather: torch.Tensor, static: bool = False
 ) -> torch.Tensor:
     """(N, 1, H, W) soft union of the inner-face hulls of every landmark set in ``landmark_sets``.
 
@@ -201,7 +202,8 @@ def face_masks(
     that holds all its non-zero mask values (one box size per group, a per-hull origin) and merged into the
     frame with ``scatter_reduce(amax)``: the values of a full-frame rasterisation on a fraction of the pixels,
     in a few dozen ops (their Python overhead, more than their arithmetic, limited two CPU threads). A
-    degenerate hull (all points on one line or at one spot) paints nothing.
+    degenerate hull (all points on one line or at one spot) paints nothing. ``static`` rasterises the full
+    frame instead: no box size read back to the host (a GPU stream never stalls), the same values.
     """
     n = feather.shape[0]
     device = feather.device
@@ -210,8 +212,21 @@ def face_masks(
     feather_px = feather.clamp_min(1e-3).repeat(sets)
     limit = torch.tensor([width, height], device=device, dtype=torch.float32)
     for group in HULL_GROUPS:
-        normals, offsets = hull_edges(torch.cat([pts[:, list(group)] for pts in landmark_sets]))
+        normals, offsets = hull_edges(torch.cat([pts[:, list(group)] for pts in landmark_sets]), static)
         if normals.shape[1] == 0:  # every point set at one spot
+            continue
+        if static:
+            ys = torch.arange(height, device=device, dtype=torch.float32)[None, :, None].expand(
+                n * sets, -1, -1
+            )
+            xs = torch.arange(width, device=device, dtype=torch.float32)[None, None, :].expand(
+                n * sets, -1, -1
+            )
+            dist = _max_half_planes(normals, offsets, xs, ys)
+            soft = (0.5 - dist / feather_px[:, None, None]).clamp(0, 1) * _has_area(normals, offsets)[
+                :, None, None
+            ]
+            out = torch.maximum(out, soft.view(sets, n, height * width).amax(dim=0))
             continue
         bounds = offset_hull_bounds(normals, offsets, 0.5 * feather_px)  # mask > 0 only inside
         has_area = torch.isfinite(bounds).all(dim=2).all(dim=1)
@@ -230,11 +245,20 @@ def face_masks(
     return out.view(n, 1, height, width)
 
 
+def _has_area(normals: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(N,) True where the hull's real edges (finite offsets) include two that are not parallel: a polygon
+    with area, not a segment or a spot (which would otherwise bind nowhere and paint the whole frame)."""
+    real = torch.isfinite(offsets)
+    det = normals[:, :, None, 0] * normals[:, None, :, 1] - normals[:, :, None, 1] * normals[:, None, :, 0]
+    return ((det.abs() > 1e-9) & real[:, :, None] & real[:, None, :]).flatten(1).any(dim=1)
+
+
 def blur_matrices(sigma: torch.Tensor, size: int, radius: int, stride: int) -> torch.Tensor:
     """(N, size // stride, size): Gaussian blur along one axis (reflect padding, as ``F.pad(mode="reflect")``)
-    followed by averaging ``stride`` neighbours, as one matrix per sample."""
+    followed by averaging ``stride`` neighbours, as one matrix per sample. Each sample's kernel reaches
+    ``ceil(3 sigma)`` pixels, as the per-sample recipe; ``radius`` is the common width (at least the largest)."""
     radius = max(0, min(radius, size - 1))
-    k = gaussian_kernels(sigma, radius)  # (N, taps)
+    k = gaussian_kernels(sigma, radius, limit=torch.ceil(3 * sigma.float()))  # (N, taps)
     rows = torch.arange(size, device=sigma.device)[:, None] + torch.arange(
         -radius, radius + 1, device=sigma.device
     )
@@ -256,17 +280,20 @@ def blur_pooled(images: torch.Tensor, mat_h: torch.Tensor, mat_w: torch.Tensor) 
     return torch.matmul(mat_h[:, None], x)
 
 
-def color_ratio(donor: torch.Tensor, warped: torch.Tensor, sigma: torch.Tensor, stride: int) -> torch.Tensor:
+def color_ratio(
+    donor: torch.Tensor, warped: torch.Tensor, sigma: torch.Tensor, stride: int, static: bool = False
+) -> torch.Tensor:
     """The classic colour correction factor blur(donor) / blur(warped source), (N, 3, H, W).
 
     ``stride`` 1 is the full-resolution recipe. With ``stride`` 2 both blurs are averaged over 2 x 2 blocks
     (folded into the blur matrices) and the smooth ratio is upsampled bilinearly: a quarter of the
     divisions and about half the matrix work, for a result within a few tenths of a grey level of the
-    full-resolution recipe inside the mask on face images (measured in tests/test_faceswap.py)."""
+    full-resolution recipe inside the mask on face images (measured in tests/test_faceswap.py). ``static``
+    sizes the blur matrices for the whole frame instead of the largest sigma (no host sync; the same values)."""
     _, _, h, w = donor.shape
     if stride > 1 and (h % stride or w % stride):
         stride = 1  # odd sizes: the exact recipe
-    radius = int(math.ceil(3 * float(sigma.max())))
+    radius = max(h, w) - 1 if static else int(math.ceil(3 * float(sigma.max())))
     mat_w = blur_matrices(sigma, w, radius, stride)
     mat_h = mat_w if h == w else blur_matrices(sigma, h, radius, stride)
     blur_donor, blur_warped = blur_pooled(donor, mat_h, mat_w), blur_pooled(warped, mat_h, mat_w)
@@ -295,8 +322,10 @@ def face_swap(
     donor: torch.Tensor,
     donor_landmarks: torch.Tensor,
     cfg: FaceSwapConfig,
+    static: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paste every source's inner face onto the paired donor. (N,3,H,W) in 0..255 -> float, landmarks."""
+    """Paste every source's inner face onto the paired donor. (N,3,H,W) in 0..255 -> float, landmarks.
+    ``static``: no op with a data-dependent shape (no host sync on a GPU); the same result."""
     n, _, height, width = donor.shape
     # One plain float layout for all the pixel maths: decoded frames often arrive as channels-last views, and
     # element-wise ops that mix layouts run several times slower on the CPU.
@@ -322,10 +351,10 @@ def face_swap(
     warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     iod = inter_ocular(dst_pts)
-    mask = face_masks([out_landmarks, dst_pts], height, width, cfg.feather_fraction * iod)
+    mask = face_masks([out_landmarks, dst_pts], height, width, cfg.feather_fraction * iod, static)
 
     sigma = blur_kernel_sigma(iod, cfg.blur_fraction)
-    corrected = (warped * color_ratio(donor, warped, sigma, cfg.color_stride)).clamp_(0, 255)
+    corrected = (warped * color_ratio(donor, warped, sigma, cfg.color_stride, static)).clamp_(0, 255)
     return torch.lerp(donor, corrected, mask), out_landmarks
 
 
@@ -347,9 +376,11 @@ def upsample2(x: torch.Tensor) -> torch.Tensor:
 class FaceSwap:
     """Randomly face-swap a batch of positives onto donors of another identity (see module docstring)."""
 
-    def __init__(self, cfg: FaceSwapConfig | None = None):
+    def __init__(self, cfg: FaceSwapConfig | None = None, static: bool = False):
         self.cfg = cfg or FaceSwapConfig()
         self.cfg.validate()
+        # static: every row is swapped and the coin picks per row - no host sync (the GPU setting)
+        self.static = static
 
     def __call__(
         self,
@@ -380,6 +411,18 @@ class FaceSwap:
         donor_index = donor_index.to(device).long()
         swapped = coin & (donor_index >= 0)
         donor_index = torch.where(swapped, donor_index, torch.full_like(donor_index, -1))
+        if self.static:
+            pick = donor_index.clamp_min(0)  # rows without a donor compute a throw-away swap
+            result, result_lm = face_swap(
+                images, landmarks.to(device), donor_images[pick].to(device), donor_landmarks[pick].to(device),
+                self.cfg, static=True,
+            )  # fmt: skip
+            if images.dtype == torch.uint8:
+                result = result.add_(0.5).clamp_(0, 255).to(torch.uint8)
+            keep = swapped[:, None, None, None]
+            out_images = torch.where(keep, result.to(images.dtype), images)
+            out_landmarks = torch.where(swapped[:, None, None], result_lm, landmarks.float())
+            return SwapResult(out_images, out_landmarks, swapped, donor_index)
         out_images, out_landmarks = images.clone(), landmarks.clone().float()
         rows = swapped.nonzero()[:, 0]
         if rows.numel():  # swap only the chosen rows: a batched op on the subset

@@ -63,7 +63,7 @@ def test_gpu_session_script_runs_every_part_on_cpu(tmp_path):
     for part in ("bench_input", "synth", "pretrain", "data_wait"):
         assert f"== {part}: exit 0" in proc.stdout, (part, proc.stdout[-3000:])
     bench = (out / "bench_input.log").read_text()
-    assert "full input path on cpu" in bench and "torch/tv" in bench
+    assert "full input path on cpu" in bench and "torch/tv" in bench and "shapes on cpu" in bench
     cfg = yaml.safe_load((out / "pretrain_config.yaml").read_text())
     # the paper config, with only the session's overrides
     assert cfg["sampling"]["strategy"] == "timeaug" and cfg["faceswap"]["p"] == 0.8

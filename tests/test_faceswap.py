@@ -68,7 +68,12 @@ def test_blur_matrices_are_the_grouped_convolution_and_pool():
     radius = 11
     full = blur_matrices(sigma, 32, radius, 1)
     blurred = blur_pooled(x, full, full)
-    torch.testing.assert_close(blurred, gaussian_blur_per_sample(x, sigma, radius), atol=2e-3, rtol=0)
+    # each sample's kernel reaches ceil(3 sigma) pixels (3, 6, 11), as the per-sample recipe
+    per_sample = [gaussian_blur_per_sample(x[i : i + 1], sigma[i : i + 1], math.ceil(3 * float(sigma[i])))
+                  for i in range(3)]  # fmt: skip
+    torch.testing.assert_close(blurred, torch.cat(per_sample), atol=2e-3, rtol=0)
+    # a wider common width (the static, sync-free setting uses the whole frame) changes nothing
+    torch.testing.assert_close(blur_matrices(sigma, 32, 31, 1), full, atol=1e-6, rtol=0)
     pooled = blur_matrices(sigma, 32, radius, 2)
     torch.testing.assert_close(blur_pooled(x, pooled, pooled), F.avg_pool2d(blurred, 2), atol=2e-3, rtol=0)
     expected = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)

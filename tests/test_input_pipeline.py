@@ -157,6 +157,93 @@ def test_pipelines_share_layout_shapes_and_clips(good_url):
     assert all(torch.equal(a.swapped, b.swapped) for a, b in zip(ref, out["dali"]))
 
 
+class _HostReads:
+    """Records, in the calling thread, every op that reads tensor values back to the host or sizes its output
+    by them (``item``/``bool``/``int``, ``nonzero``, boolean indexing, ``unique``, ``tolist``): on a GPU each
+    one stalls the stream until all queued work is done."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        value_ops = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+                     aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
+                     aten.repeat_interleave.Tensor}  # fmt: skip
+        index_ops = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
+        seen = self.seen = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in value_ops or (
+                    func in index_ops and any(i is not None and i.dtype == torch.bool for i in args[1])
+                ):
+                    seen.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        import threading
+
+        self._tolist, thread, seen = torch.Tensor.tolist, threading.current_thread(), self.seen
+        original = self._tolist
+
+        def tolist(t):  # a host read that does not dispatch on a CPU tensor
+            if threading.current_thread() is thread:
+                seen.append("tolist")
+            return original(t)
+
+        torch.Tensor.tolist = tolist
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        torch.Tensor.tolist = self._tolist
+
+
+@pytest.mark.parametrize("shapes", ["static", "dynamic"])
+def test_static_shapes_finish_batches_without_host_reads(good_url, shapes):
+    """data.shapes=static (the CUDA default): FaceSwap, both view families and the descriptors never read a
+    value back to the host, so a GPU stream never stalls; dynamic (the CPU default) does, and the detector
+    sees it. Decoding (data.decode=cpu here) is left to the background threads."""
+    from pretrain.batches import make_batch_pipeline
+
+    pipe = make_batch_pipeline(
+        _cfg(good_url, f"data.shapes={shapes}", "data.decode=cpu", "faceswap.p=1.0"), 0, 1
+    )
+    pipe.finish_in_workers = False  # the device side runs in the consuming thread, as on a GPU
+    assert pipe.static_shapes == (shapes == "static")
+    it = iter(pipe)
+    try:
+        next(it)  # start-up (threads, first reads) outside the window
+        with _HostReads() as reads:
+            batches = [next(it) for _ in range(2)]
+    finally:
+        pipe.close()
+    assert all(b.swapped[4:].all() for b in batches)  # every positive swapped: FaceSwap ran on every row
+    if shapes == "static":
+        assert reads.seen == []
+    else:
+        assert {"aten.nonzero.default", "tolist"} <= set(reads.seen), reads.seen
+
+
+def test_static_and_dynamic_shapes_make_the_same_batches(good_url):
+    from pretrain.batches import make_batch_pipeline
+
+    out = {
+        shapes: _take(make_batch_pipeline(_cfg(good_url, f"data.shapes={shapes}"), 0, 1), 3)
+        for shapes in ("static", "dynamic")
+    }
+    for a, b in zip(out["static"], out["dynamic"]):
+        assert torch.equal(a.swapped, b.swapped) and torch.equal(a.identity, b.identity)
+        assert a.swapped.any()  # the test can fail: some rows are swapped
+        torch.testing.assert_close(a.descriptors, b.descriptors, atol=1e-5, rtol=0)
+        diff = (a.images - b.images).abs()
+        # float rounding, and a swapped pixel that rounds to the other uint8 level (1/255 / std ~ 0.02)
+        assert float(diff.max()) < 0.05 and float(diff.mean()) < 1e-4, (float(diff.max()), float(diff.mean()))
+
+
 def test_torchvision_pipeline_resumes_exactly(good_url):
     from pretrain.batches import make_batch_pipeline
 
