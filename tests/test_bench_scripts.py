@@ -21,7 +21,7 @@ import data_wait  # noqa: E402
 def test_data_wait_leaves_out_the_start_up_window_and_reports_mean_and_worst(tmp_path):
     lines = [
         {"step": 10, "images_per_s": 100.0, "data_wait_fraction": 0.50},  # pipeline start: left out
-        {"step": 20, "images_per_s": 400.0, "data_wait_fraction": 0.01},
+        {"step": 20, "images_per_s": 400.0, "data_wait_fraction": 0.01, "input_prep_fraction": 0.1},
         {"step": 30, "images_per_s": 600.0, "data_wait_fraction": 0.03},
         {"step": 40, "images_per_s": 500.0, "data_wait_fraction": 0.02},
         {"event": "checkpoint", "step": 40},  # not a logged window
@@ -30,6 +30,7 @@ def test_data_wait_leaves_out_the_start_up_window_and_reports_mean_and_worst(tmp
     assert s["windows"] == 3 and s["steps"] == (20, 40)
     assert s["images_per_s"] == 500.0
     assert s["wait_mean"] == pytest.approx(0.02) and s["wait_max"] == 0.03
+    assert s["prep_mean"] == pytest.approx(0.1 / 3)
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(m) for m in lines[:1]))
     with pytest.raises(ValueError, match="need more than --skip 1"):
