@@ -9,7 +9,8 @@
 #      the full input path's views/s on one GPU against the torchvision DataLoader baseline (same cores, same
 #      run) - the issue's ">= 20,000 views/s per H200";
 #   3. launch/pretrain.py with the paper config (ResNet-50, 512 images/step, bf16, channels_last, FaceSwap,
-#      MaskFN) for $STEPS steps on SynthFace: images/s and the data-wait share of a step (goal < 5%).
+#      MaskFN) for $STEPS steps on SynthFace, with data.finish_in=trainer and =workers: images/s and the
+#      data-wait share of a step (goal < 5%), by bench/data_wait.py.
 # DEVICE=cpu with small CLIPS/STEPS/MODEL runs the same steps on a CPU (tests/test_bench_scripts.py does).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,12 +58,16 @@ part synth $PY -m data_shards synth --out "$WORK/clips" --identities "$IDENTITIE
   --seconds 8 --size 128 --seed 0
 precision=bf16
 [ "$DEVICE" = cuda ] || precision=fp32
-# shellcheck disable=SC2086 # MODEL is a list of overrides
-part pretrain $PY launch/pretrain.py --config launch/configs/sslfer.yaml data.url="$WORK/clips" \
-  run_dir="$WORK/run" device="$DEVICE" precision=$precision zero_stage=0 max_steps="$STEPS" log_every=10 \
-  checkpoint_every=0 data.pipeline=torch data.global_batch_clips="$CLIPS" \
-  data.num_workers="$THREADS" metrics.port_base=0 $MODEL
-cp "$WORK/run/metrics.jsonl" "$OUT/pretrain_metrics.jsonl" 2>/dev/null
-cp "$WORK/run/config.yaml" "$OUT/pretrain_config.yaml" 2>/dev/null
-part data_wait $PY bench/data_wait.py "$OUT/pretrain_metrics.jsonl"
+# Both ways of finishing batches on a GPU (data.finish_in): the training thread queues the device work on its
+# stream (auto), or each worker thread on its own CUDA stream, handing over an event.
+for finish in trainer workers; do
+  # shellcheck disable=SC2086 # MODEL is a list of overrides
+  part "pretrain_$finish" $PY launch/pretrain.py --config launch/configs/sslfer.yaml data.url="$WORK/clips" \
+    run_dir="$WORK/run_$finish" device="$DEVICE" precision=$precision zero_stage=0 max_steps="$STEPS" \
+    log_every=10 checkpoint_every=0 data.pipeline=torch data.global_batch_clips="$CLIPS" \
+    data.num_workers="$THREADS" data.finish_in=$finish metrics.port_base=0 $MODEL
+  cp "$WORK/run_$finish/metrics.jsonl" "$OUT/pretrain_${finish}_metrics.jsonl" 2>/dev/null
+  cp "$WORK/run_$finish/config.yaml" "$OUT/pretrain_${finish}_config.yaml" 2>/dev/null
+  part "data_wait_$finish" $PY bench/data_wait.py "$OUT/pretrain_${finish}_metrics.jsonl"
+done
 exit $status

@@ -178,6 +178,7 @@ class Batch:
     epoch: int
     index: int  # batch number within the epoch
     wait_s: float = 0.0  # time the training thread waited for the background threads
+    ready: Any = None  # CUDA event of the worker stream that finished the batch (data.finish_in=workers)
 
 
 @dataclass
@@ -221,9 +222,13 @@ class BatchPipeline:
             self.data.decode == "auto" and self.device.type == "cuda"
         )
         # On a CPU device the "device side" is CPU work too: the worker threads do it, a batch each (torch ops
-        # release the GIL), so it overlaps the training step instead of running inside it.
-        self.finish_in_workers = self.device.type == "cpu"
-        if self.finish_in_workers and self.data.keep_freed_memory:
+        # release the GIL), so it overlaps the training step instead of running inside it. On a GPU the
+        # training thread queues it on its stream (auto), or each worker thread on its own CUDA stream
+        # (data.finish_in=workers), handing over an event the training stream waits for.
+        finish_in = self.data.finish_in
+        self.finish_in_workers = finish_in == "workers" or (finish_in == "auto" and self.device.type == "cpu")
+        self._worker_streams = threading.local()
+        if self.device.type == "cpu" and self.data.keep_freed_memory:
             from pretrain.allocator import keep_freed_memory
 
             keep_freed_memory()  # no page faults for every multi-megabyte temporary of the CPU batch ops
@@ -484,7 +489,30 @@ class BatchPipeline:
     def prepare_job(self, group: _ClipGroup) -> HostBatch | Batch:
         """What a worker thread does with a clip group: host data, or the finished batch on a CPU device."""
         host = self.prepare(group)
-        return self.finish(host) if self.finish_in_workers else host
+        if not self.finish_in_workers:
+            return host
+        if self.device.type != "cuda":
+            return self.finish(host)
+        stream = getattr(self._worker_streams, "stream", None)
+        if stream is None:
+            stream = self._worker_streams.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            batch = self.finish(host)
+            batch.ready = torch.cuda.Event()
+            batch.ready.record(stream)
+        return batch
+
+    def _hand_over(self, batch: Batch) -> None:
+        """A batch finished on a worker's CUDA stream: the training stream waits for it, and the allocator
+        learns that its tensors are used there (so their memory is not reused by the worker stream early)."""
+        if batch.ready is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(batch.ready)
+        for tensor in (batch.images, batch.identity, batch.descriptors, batch.swapped):
+            if tensor is not None:
+                tensor.record_stream(current)
+        batch.ready = None
 
     def _device_images(self, host: HostBatch) -> torch.Tensor:
         """uint8 (N, 3, S, S) on the device: decode here (device path) or move the threads' CPU decode."""
@@ -507,8 +535,9 @@ class BatchPipeline:
                 t0 = time.perf_counter()
                 item, stream_state = self._threads.get()
                 wait_s = time.perf_counter() - t0
-                if isinstance(item, Batch):  # finished by a worker thread (CPU device)
+                if isinstance(item, Batch):  # finished by a worker thread (data.finish_in)
                     batch, batch.wait_s = item, wait_s
+                    self._hand_over(batch)
                 else:
                     batch = self.finish(item, wait_s)
                 # Consumed: a checkpoint taken now resumes at the next batch.

@@ -38,6 +38,7 @@ class DataConfig(StreamConfig):
     # torchvision: per-sample PIL + torchvision transforms in a DataLoader (baseline, fallback)
     pipeline: Literal["torch", "dali", "torchvision"] = "torch"
     shapes: Literal["auto", "static", "dynamic"] = "auto"  # device work: static = no host syncs (auto: CUDA)
+    finish_in: Literal["auto", "workers", "trainer"] = "auto"  # device work: auto = CPU workers, GPU trainer
 
     def validate(self) -> None:
         super().validate()
@@ -52,6 +53,10 @@ class DataConfig(StreamConfig):
             raise ConfigError("config key 'data.num_workers' must be >= 0 and 'data.prefetch' >= 1")
         if self.image_size < 16:
             raise ConfigError(f"config key 'data.image_size': must be >= 16, got {self.image_size}")
+        if self.finish_in not in ("auto", "workers", "trainer"):
+            raise ConfigError(
+                f"config key 'data.finish_in': must be auto, workers or trainer, got {self.finish_in!r}"
+            )
         if self.shapes not in ("auto", "static", "dynamic"):
             raise ConfigError(
                 f"config key 'data.shapes': must be auto, static or dynamic, got {self.shapes!r}"

@@ -61,15 +61,21 @@ def test_gpu_session_script_runs_every_part_on_cpu(tmp_path):
         ["bash", "bench/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    for part in ("bench_input", "synth", "pretrain", "data_wait"):
+    for part in ("bench_input", "synth", "pretrain_trainer", "data_wait_trainer", "pretrain_workers",
+                 "data_wait_workers"):  # fmt: skip
         assert f"== {part}: exit 0" in proc.stdout, (part, proc.stdout[-3000:])
     bench = (out / "bench_input.log").read_text()
     assert "full input path on cpu" in bench and "torch/tv" in bench and "shapes on cpu" in bench
-    cfg = yaml.safe_load((out / "pretrain_config.yaml").read_text())
-    # the paper config, with only the session's overrides
-    assert cfg["sampling"]["strategy"] == "timeaug" and cfg["faceswap"]["p"] == 0.8
-    assert cfg["loss"]["fn_mode"] == "pick" and cfg["data"]["batch_clips"] == 2 and cfg["max_steps"] == 20
-    metrics = [json.loads(x) for x in (out / "pretrain_metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "data_wait_fraction" in m] == [10, 20]
-    assert "| out | 20-20 (1 windows) |" in (out / "data_wait.log").read_text()
+    losses = {}
+    for finish in ("trainer", "workers"):
+        cfg = yaml.safe_load((out / f"pretrain_{finish}_config.yaml").read_text())
+        # the paper config, with only the session's overrides
+        assert cfg["sampling"]["strategy"] == "timeaug" and cfg["faceswap"]["p"] == 0.8
+        assert cfg["loss"]["fn_mode"] == "pick" and cfg["data"]["batch_clips"] == 2 and cfg["max_steps"] == 20
+        assert cfg["data"]["finish_in"] == finish
+        metrics = [json.loads(x) for x in (out / f"pretrain_{finish}_metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics if "data_wait_fraction" in m] == [10, 20]
+        losses[finish] = [m["loss"] for m in metrics if "loss" in m]
+        assert "20-20 (1 windows) |" in (out / f"data_wait_{finish}.log").read_text()
+    assert losses["trainer"] == losses["workers"]  # the same batches whichever thread finished them
     assert not any(p.name.startswith("tmp") for p in out.iterdir())  # the work dir stayed outside OUT

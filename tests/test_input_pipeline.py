@@ -209,10 +209,12 @@ def test_static_shapes_finish_batches_without_host_reads(good_url, shapes):
     sees it. Decoding (data.decode=cpu here) is left to the background threads."""
     from pretrain.batches import make_batch_pipeline
 
-    pipe = make_batch_pipeline(
-        _cfg(good_url, f"data.shapes={shapes}", "data.decode=cpu", "faceswap.p=1.0"), 0, 1
+    # data.finish_in=trainer: the device side runs in the consuming thread, as on a GPU by default
+    cfg = _cfg(
+        good_url, f"data.shapes={shapes}", "data.decode=cpu", "faceswap.p=1.0", "data.finish_in=trainer"
     )
-    pipe.finish_in_workers = False  # the device side runs in the consuming thread, as on a GPU
+    pipe = make_batch_pipeline(cfg, 0, 1)
+    assert not pipe.finish_in_workers
     assert pipe.static_shapes == (shapes == "static")
     it = iter(pipe)
     try:
@@ -226,6 +228,26 @@ def test_static_shapes_finish_batches_without_host_reads(good_url, shapes):
         assert reads.seen == []
     else:
         assert {"aten.nonzero.default", "tolist"} <= set(reads.seen), reads.seen
+
+
+def test_batches_finished_by_workers_or_the_trainer_are_identical_and_resume_exactly(good_url):
+    """data.finish_in: the same seeded batches whichever thread finishes them (on a GPU: a worker's own CUDA
+    stream, handed over with an event, or the training stream)."""
+    from pretrain.batches import make_batch_pipeline
+
+    out = {}
+    for where in ("workers", "trainer"):
+        pipe = make_batch_pipeline(_cfg(good_url, f"data.finish_in={where}", "data.num_workers=2"), 0, 1)
+        assert pipe.finish_in_workers == (where == "workers")
+        out[where] = _take(pipe, 4)
+    for a, b in zip(out["workers"], out["trainer"]):
+        assert torch.equal(a.images, b.images) and torch.equal(a.swapped, b.swapped)
+        assert a.ready is None and b.ready is None  # no CUDA event on a CPU device
+    resumed = make_batch_pipeline(_cfg(good_url, "data.finish_in=trainer"), 0, 1)
+    first = make_batch_pipeline(_cfg(good_url, "data.finish_in=workers"), 0, 1)
+    _take(first, 2)
+    resumed.load_state_dict(first.state_dict())
+    assert all(torch.equal(a.images, b.images) for a, b in zip(_take(resumed, 2), out["workers"][2:]))
 
 
 def test_static_and_dynamic_shapes_make_the_same_batches(good_url):
