@@ -102,7 +102,18 @@ def init_distributed(backend: Backend = "auto", timeout_s: float = 1800.0) -> Di
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     atexit.register(remove_shm_buffers, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], rank)
+    if backend == "gloo":
+        # Left to C++ static destruction at exit, gloo's threads occasionally abort the process after a finished
+        # run ("terminate called without an active exception", exit 250): tear the group down first.
+        atexit.register(_destroy_at_exit)
     return DistInfo(rank, world_size, local_rank, backend)
+
+
+def _destroy_at_exit() -> None:
+    try:
+        destroy_distributed()
+    except Exception:  # noqa: BLE001 - exiting anyway; never turn a finished run into a failed exit
+        pass
 
 
 def remove_shm_buffers(addr: str, port: str, rank: int, root: str = "/dev/shm") -> list[str]:
