@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import datetime
 import io
+import math
 import os
 import platform
 import sys
@@ -493,7 +494,9 @@ def run_full(args) -> None:
                 f"{rates['torch'] / 4:.0f} / {rates['dali'] / 4:.0f} / {tv / 4:.0f}"
             )
             if device == "cuda":
-                best = max(rates["torch"], rates["dali"] if rates["dali"] == rates["dali"] else 0.0)
+                best = max(
+                    rate for rate in (rates["torch"], rates["dali"]) if not math.isnan(rate)
+                )  # no DALI: nan
                 print(f"{'':>8} views/s on one GPU: {best:,.0f} (goal >= 20,000 per H200)")
         if args.no_extras:
             return
