@@ -243,7 +243,7 @@ def make_shards(url: str, clips: int) -> str:
 
 
 def _pipeline_cfg(url: str, kind: str, clips: int, threads: int, device: str = "cpu"):
-    from launch.configio import load_config
+    from common.configio import load_config
     from pretrain.config import PretrainConfig
 
     return load_config(

@@ -121,11 +121,11 @@ def worker(args) -> None:
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from launch.configio import load_config
-    from launch.ds_config import build_ds_config
+    from common.configio import load_config
     from pretrain import distributed
     from pretrain.config import PretrainConfig
     from pretrain.descriptors import landmark_descriptor
+    from pretrain.ds_config import build_ds_config
     from pretrain.loss import DistributedInfoNCE, batch_layout
     from pretrain.model import ContrastiveEncoder
 

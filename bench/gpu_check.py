@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import deepspeed
 
-        from launch.ds_config import build_ds_config  # noqa: F401
+        from pretrain.ds_config import build_ds_config  # noqa: F401
 
         rows.append(
             f"| DeepSpeed importable | {deepspeed.__version__} (run launch/pretrain.py on GPU for a full check) |"

@@ -13,6 +13,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from common.errors import ConfigError
+
 DELEGATED = {
     "contact-sheet": ("data_shards.synth.cli", "main_contact_sheet", "a grid of SynthFace frames (PNG)"),
     "ingest": ("data_shards.ingest", "main", "videos / frame folders -> aligned clip shards"),
@@ -23,7 +25,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_shards.manifest import ManifestError
     from data_shards.readers import LayoutError
     from data_shards.store import StoreError
-    from launch.configio import ConfigError
 
     return (ConfigError, StoreError, ManifestError, LayoutError)
 
@@ -40,8 +41,8 @@ def _print_summary(manifest: dict, url: str, seconds: float) -> None:
 
 
 def _save_local_config(cfg, out: str) -> None:
+    from common.configio import save_config
     from data_shards import store
-    from launch.configio import save_config
 
     if not store.is_s3(out):
         save_config(cfg, f"{out}/config.yaml")
@@ -63,8 +64,8 @@ def cmd_synth(argv: list[str]) -> int:
 
     from tqdm import tqdm
 
+    from common.configio import to_dict
     from data_shards.write import ShardWriter
-    from launch.configio import to_dict
 
     generator = {"command": "synth", **to_dict(cfg, redact=True)}
     total = None

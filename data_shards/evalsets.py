@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from launch.configio import ConfigError, to_dict
+from common.configio import to_dict
+from common.errors import ConfigError
 
 SOURCES = ("synth", "affectnet", "fer2013", "rafdb", "lfw")
 REAL_SOURCES = SOURCES[1:]

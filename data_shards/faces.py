@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.errors import ConfigError, UserError
+
 # iBUG 68-point indices of the two eyes (image-left eye = subject's right eye).
 LEFT_EYE = slice(36, 42)
 RIGHT_EYE = slice(42, 48)
@@ -23,7 +25,7 @@ MOUTH_LEFT, MOUTH_RIGHT = 48, 54
 LANDMARKS_FILE = "shape_predictor_68_face_landmarks.dat"
 
 
-class FaceModelError(RuntimeError):
+class FaceModelError(UserError, RuntimeError):
     """The landmark model file cannot be found or loaded."""
 
 
@@ -41,7 +43,6 @@ class FaceConfig:
     landmarks_path: str = ""  # empty: the file shipped by face-recognition-models
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         if self.size < 16:
             raise ConfigError(f"config key 'size': must be >= 16, got {self.size}")

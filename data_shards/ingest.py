@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from common.errors import ConfigError
 from data_shards.faces import FaceAligner, FaceConfig, FaceModelError
 
 log = logging.getLogger("data_shards.ingest")
@@ -51,7 +52,6 @@ class IngestConfig:
     face: FaceConfig = field(default_factory=FaceConfig)
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         if not self.videos:
             raise ConfigError("config key 'videos': required (a folder of videos / frame folders)")
@@ -451,8 +451,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-
-    from launch.configio import ConfigError
 
     cfg = config_from_args(args)
     try:

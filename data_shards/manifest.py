@@ -10,12 +10,14 @@ import datetime as dt
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from common.errors import UserError
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 KINDS = ("clips", "frames")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest is missing or does not follow the schema; the message names the URL and field."""
 
 

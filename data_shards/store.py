@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from common.errors import ConfigError, UserError
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ CREDENTIALS_HINT = (
 )
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """Storage is misconfigured or unreachable; the message names the URL/setting and the fix."""
 
 
@@ -47,7 +49,6 @@ class StoreConfig:
     block_size: int = 16 * 2**20  # s3fs read/write block: 16 MiB read ahead streams ~20% faster than 8
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         if self.retries < 0:
             raise ConfigError(f"config key 'store.retries': must be >= 0, got {self.retries}")

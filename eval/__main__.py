@@ -20,7 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from launch.configio import ConfigError, load_config, save_config
+from common.configio import load_config, save_config
+from common.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +77,7 @@ def resolve_config(args: argparse.Namespace):
 
 def _as_job(argv: list[str], args: argparse.Namespace) -> int:
     """Resubmit this command to a Ray Jobs API with absolute local paths and ``--address auto``."""
-    from launch.ray_submit import submit_and_wait
+    from common.ray_jobs import submit_and_wait
 
     def absolute(value: str) -> str:
         return ",".join(str(Path(v).resolve()) if Path(v).exists() else v for v in _split(value))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from launch.configio import ConfigError
+from common.errors import ConfigError
 
 Reader = Callable[[str], Iterator[dict[str, Any]]]
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import ConfigError
 from eval.data import (
     FramesData,
     FramesLabels,
@@ -42,7 +43,6 @@ from eval.data import (
 from eval.features import FeatureConfig, extract_features
 from eval.finetune import FinetuneConfig, finetune
 from eval.probes import ProbeConfig, identity_leakage, knn_probe, linear_probe, va_regression
-from launch.configio import ConfigError
 
 TASKS = ("expression", "va", "identity", "finetune")
 NUM_EXPRESSIONS = 8  # AffectNet-8 (data_shards.labels.EXPRESSIONS)

@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from launch.configio import ConfigError
+from common.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import ConfigError
 from eval import metrics
 from eval.data import carve_validation
 from eval.features import decode_batch, normalise, resolve_device
-from launch.configio import ConfigError
 
 
 @dataclass

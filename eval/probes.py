@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.errors import ConfigError
 from eval import metrics
 from eval.data import carve_validation
-from launch.configio import ConfigError
 
 
 @dataclass

@@ -127,7 +127,7 @@ def select_variants(spec: str) -> list[str]:
 def write_random_init(run_dir: Path, seed: int) -> None:
     """``run_dir/backbone.pt`` with the demo config's backbone at random weights, and its ``config.yaml`` (the
     evaluation reads the crop size from it)."""
-    from launch.configio import load_config, save_config
+    from common.configio import load_config, save_config
     from pretrain.config import PretrainConfig
     from pretrain.model import build_backbone, save_backbone
 

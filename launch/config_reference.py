@@ -17,7 +17,7 @@ import sys
 import typing
 from pathlib import Path
 
-from launch.configio import to_dict
+from common.configio import to_dict
 
 ENTRY_POINTS = [
     ("Pretraining (`launch/pretrain.py`, `launch/ray_pretrain.py`)", "pretrain.config", "PretrainConfig"),

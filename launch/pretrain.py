@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python launch/pretrain.py` from anywhere
 
-from launch.configio import ConfigError, load_config  # noqa: E402
+from common.configio import load_config  # noqa: E402
+from common.errors import ConfigError, UserError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
@@ -53,17 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from data_shards.manifest import ManifestError
-    from data_shards.store import StoreError
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.descriptors import DescriptorError
     from pretrain.engine import run
     from pretrain.faults import NonFiniteLossError, redact
-    from pretrain.stream import StreamError
 
     try:
         status = run(cfg)
-    except (CheckpointError, StreamError, StoreError, ManifestError, DescriptorError, ConfigError) as err:
+    except UserError as err:
         # User-fixable problems (world-size change, too few shards, credentials, missing manifest): one line
         # that names the file or setting, not a traceback from every rank.
         print(f"error: {redact(str(err))}", file=sys.stderr)

@@ -24,13 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.ray_jobs import RAY_ENV
 from launch.services import ServiceError, free_port, pid_alive, stop_pid
-
-RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # else Ray binds all interfaces despite 127.0.0.1
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",  # explicit, or job submission can fail after a local ray.init wrote a token
-}
 
 
 @dataclass

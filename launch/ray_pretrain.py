@@ -30,6 +30,8 @@ import os
 import sys
 from pathlib import Path
 
+from common.errors import ConfigError
+
 # Variables the ranks need that a Ray worker does not necessarily inherit from the driver.
 FORWARD_ENV = (
     "OMP_NUM_THREADS",
@@ -55,7 +57,7 @@ def _absolute(path: str | None) -> str | None:
 
 def prepare_config(config: str | None, overrides: list[str], use_gpu: bool):
     """Load and validate the config on the driver; local paths become absolute (workers share them)."""
-    from launch.configio import ConfigError, load_config
+    from common.configio import load_config
     from pretrain.config import PretrainConfig
 
     cfg = load_config(PretrainConfig, config, overrides)
@@ -134,14 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0:
         print("error: --num-workers >= 1, --cpus-per-worker > 0, --max-failures >= 0", file=sys.stderr)
         return 2
-    from launch.configio import ConfigError
 
     try:
         cfg = prepare_config(args.config, args.overrides, args.use_gpu)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from launch.ray_head import RAY_ENV
+    from common.ray_jobs import RAY_ENV
 
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)

@@ -27,10 +27,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import UserError
+
 DEFAULT_BUCKET = "sslfer"
 
 
-class ServiceError(RuntimeError):
+class ServiceError(UserError, RuntimeError):
     """A local service could not be started or reached; the message says what to do."""
 
 

@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from common.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LUMA = (0.299, 0.587, 0.114)
@@ -64,7 +66,6 @@ class AugmentConfig:
     channels_last: bool = False
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         def fail(key: str, msg: str) -> None:
             raise ConfigError(f"config key 'augment.{key}': {msg}")

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import UserError
 from pretrain import distributed, faults
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used for this run; the message says why and what to do."""
 
 

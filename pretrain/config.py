@@ -2,7 +2,7 @@
 
 Each component owns its section (``sampling``, ``augment``, ``loss``...); this module only adds the sections of
 the training program itself (data input, optimiser, checkpoints) and the top-level run settings, and checks
-the few rules that span sections. Load with ``launch.configio.load_config(PretrainConfig, yaml, overrides)``.
+the few rules that span sections. Load with ``common.configio.load_config(PretrainConfig, yaml, overrides)``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.errors import ConfigError
 from data_shards.store import StoreConfig
-from launch.configio import ConfigError
 from pretrain.augment import AugmentConfig
 from pretrain.descriptors import DescriptorConfig
 from pretrain.faceswap import FaceSwapConfig
@@ -80,7 +80,6 @@ class FaceSwapSection(FaceSwapConfig):
     p_warmup_steps: int = 0  # ramp faceswap.p linearly from 0 over this many batches (0: p from the start)
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         super().validate()
         if self.donors not in ("batch", "bank"):

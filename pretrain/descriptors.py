@@ -31,6 +31,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from common.errors import ConfigError, UserError
+
 BROWS = list(range(17, 27))
 EYES = list(range(36, 48))
 MOUTH = list(range(48, 68))
@@ -43,7 +45,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DescriptorError(RuntimeError):
+class DescriptorError(UserError, RuntimeError):
     """The descriptor cannot be built (e.g. the CNN weights file is missing)."""
 
 
@@ -54,7 +56,6 @@ class DescriptorConfig:
     crop_size: int = 64  # side of the eye and mouth crops fed to the CNN
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         if self.kind not in ("landmarks", "cnn"):
             raise ConfigError(f"config key 'descriptors.kind': must be landmarks or cnn, got {self.kind!r}")

@@ -3,7 +3,7 @@
 Named steps, in order: :meth:`Trainer.init_distributed`, :meth:`Trainer.build_data`,
 :meth:`Trainer.build_model` (``deepspeed.initialize``), :meth:`Trainer.maybe_resume`, then :meth:`Trainer.train`
 (the loop) calling :meth:`Trainer.train_step` per batch. The model and the loss are plain modules; DeepSpeed
-appears only here (engine, optimiser, checkpoints) and in ``launch/ds_config.py``.
+appears only here (engine, optimiser, checkpoints) and in ``pretrain/ds_config.py``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launch.configio import save_config
-from launch.ds_config import build_ds_config, lr_scheduler_factory
+from common.configio import save_config
 from pretrain import distributed, faults
 from pretrain.batches import Batch, make_batch_pipeline
 from pretrain.checkpoint import Checkpointer, StopSignal
 from pretrain.config import PretrainConfig, resolve_global_batch
+from pretrain.ds_config import build_ds_config, lr_scheduler_factory
 from pretrain.loss import DistributedInfoNCE, LossOutput
 from pretrain.model import ContrastiveEncoder, save_backbone
 

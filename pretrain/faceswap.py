@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.errors import ConfigError
 from pretrain.augment import gaussian_kernels
 
 BROWS = tuple(range(17, 27))
@@ -49,7 +50,6 @@ class FaceSwapConfig:
     color_stride: int = 2  # colour-correction ratio on a grid of this stride, upsampled; 1 = full-res recipe
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         if not 0.0 <= self.p <= 1.0:
             raise ConfigError(f"config key 'faceswap.p': a probability in [0, 1] is needed, got {self.p}")

@@ -3,7 +3,7 @@
 * :func:`preflight` runs before any process group or model is built: it applies the ``store`` retry policy,
   checks that the dataset (and the checkpoint mirror, for writing) can be reached with the credentials in the
   environment, and checks the config against the dataset's manifest (TimeAug offsets that no clip can hold).
-  Problems raise :class:`launch.configio.ConfigError` or :class:`data_shards.store.StoreError`, which
+  Problems raise :class:`common.configio.ConfigError` or :class:`data_shards.store.StoreError`, which
   ``launch/pretrain.py`` prints as one line (exit code 2).
 * :class:`NonFiniteLossError`: a NaN/inf loss under ``nan_policy=stop``; under ``skip`` the step is skipped
   (no backward, no optimiser step) and counted as ``nonfinite_loss_skipped``.
@@ -23,6 +23,8 @@ import errno
 import logging
 import os
 import time
+
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,6 @@ def max_clip_frames(manifest: dict) -> int:
 
 def check_offsets_fit(cfg) -> None:
     """TimeAug needs at least one positive offset shorter than some clip of the dataset."""
-    from launch.configio import ConfigError
     from pretrain.sampling import REFERENCE_FPS, offsets_in_frames
 
     sampling = cfg.sampling

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import ConfigError
 from pretrain import distributed
 
 FnMode = Literal["none", "pick", "threshold"]
@@ -39,7 +40,6 @@ class LossConfig:
     gather: bool = True  # negatives from the all-gathered global batch (False: this rank's rows only)
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         if not self.temperature > 0:
             raise ConfigError(f"config key 'loss.temperature': must be > 0, got {self.temperature}")

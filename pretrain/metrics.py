@@ -22,6 +22,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from common.errors import ConfigError
+
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -35,7 +37,6 @@ class MetricsConfig:
     linger_s: float = 0.0  # keep exporters up this long after the last step (short runs: last scrape)
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         if self.address not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(
             "SSLFER_METRICS_PUBLIC"

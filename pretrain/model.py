@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from common.errors import ConfigError
+
 ARCH_LAYERS = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
@@ -30,7 +32,6 @@ class ModelConfig:
     channels_last: bool = False  # memory format on GPU; harmless on CPU
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         if self.width < 4 or self.width % 4:
             raise ConfigError(f"config key 'model.width': must be a positive multiple of 4, got {self.width}")

@@ -29,6 +29,8 @@ from typing import Literal
 
 import numpy as np
 
+from common.errors import ConfigError
+
 REFERENCE_FPS = 25.0 / 6.0
 
 
@@ -49,7 +51,6 @@ class SamplingConfig:
     short_clip_policy: Literal["clamp", "skip"] = "clamp"
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         if self.strategy not in ("simclr", "timeaug"):
             raise ConfigError(

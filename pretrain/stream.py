@@ -47,6 +47,8 @@ from typing import Any, Literal
 import numpy as np
 import torch.utils.data
 
+from common.errors import ConfigError, UserError
+
 Sample = dict[str, Any]
 ShardReader = Callable[[str], Iterator[Sample]]
 Key = tuple[int, int]  # (position in the lane's shard plan, sample index within that shard)
@@ -57,7 +59,7 @@ _SHARD_ORDER, _BUFFER, _RESAMPLE = 101, 102, 103
 _DRAW_BLOCK = 1024
 
 
-class StreamError(RuntimeError):
+class StreamError(UserError, RuntimeError):
     """The dataset cannot be streamed as configured (message names the setting or file and the fix)."""
 
 
@@ -74,7 +76,6 @@ class StreamConfig:
     equalize: Literal["drop", "repeat"] = "drop"  # how lanes with more/fewer samples are made equal
 
     def validate(self) -> None:
-        from launch.configio import ConfigError
 
         if self.shuffle_buffer < 1:
             raise ConfigError(f"config key 'data.shuffle_buffer': must be >= 1, got {self.shuffle_buffer}")

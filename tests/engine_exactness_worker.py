@@ -34,7 +34,7 @@ def main() -> None:
     out_dir, config, overrides = Path(args[0]), args[1], args[2:]
     from deepspeed.utils import safe_get_full_grad
 
-    from launch.configio import load_config
+    from common.configio import load_config
     from pretrain import distributed
     from pretrain.config import PretrainConfig
     from pretrain.engine import Trainer

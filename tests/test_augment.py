@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.configio import ConfigError, from_dict
+from common.configio import from_dict
+from common.errors import ConfigError
 from pretrain.augment import (
     MASK_REGIONS,
     AugmentConfig,

@@ -8,7 +8,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from launch.configio import ConfigError, load_config, parse_overrides, save_config
+from common.configio import load_config, parse_overrides, save_config
+from common.errors import ConfigError
 
 
 @dataclass

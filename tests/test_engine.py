@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 import torch
 
-from launch.configio import ConfigError, load_config
-from launch.ds_config import build_ds_config, lr_factor
+from common.configio import load_config
+from common.errors import ConfigError
+from pretrain.ds_config import build_ds_config, lr_factor
 from tests.helpers import TINY_OVERRIDES, launcher_env
 
 REPO = Path(__file__).resolve().parents[1]

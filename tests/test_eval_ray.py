@@ -130,8 +130,8 @@ def test_infeasible_gpu_request_times_out(inputs, local_ray):
 @pytest.mark.integration
 def test_real_head_runs_eval_job(inputs, tmp_path):
     """A real `ray start --head` on loopback receives `python -m eval` through the Jobs API."""
+    from common.ray_jobs import submit_and_wait
     from launch.ray_head import RayHead
-    from launch.ray_submit import submit_and_wait
     from launch.services import pid_alive
 
     root, ckpts, data = inputs

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.errors import ConfigError
 from data_shards.evalsets import EvalsetConfig, build_evalset
 from data_shards.read import iter_dataset, read_manifest
 from data_shards.readers import LayoutError
 from data_shards.verify import verify
-from launch.configio import ConfigError
 
 SIZE = 24
 

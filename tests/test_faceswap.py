@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.configio import ConfigError, from_dict
+from common.configio import from_dict
+from common.errors import ConfigError
 from pretrain.augment import gaussian_blur_per_sample
 from pretrain.faceswap import (
     HULL_GROUPS,

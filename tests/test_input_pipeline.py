@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.configio import load_config
+from common.errors import ConfigError
 from data_shards import store
-from launch.configio import load_config
 from pretrain.augment import IMAGENET_STD
 from tests.helpers import TINY_OVERRIDES, launcher_env
 
@@ -398,7 +399,6 @@ def test_donor_bank_of_one_identity_is_a_clear_error(tmp_path, clips):
 
 
 def test_config_rejects_an_unknown_pipeline(good_url):
-    from launch.configio import ConfigError
 
     with pytest.raises(ConfigError, match="data.pipeline"):
         _cfg(good_url, "data.pipeline=opencv")
@@ -538,7 +538,7 @@ def test_store_lost_mid_run_gives_a_clear_error(s3_env, s3_clips, monkeypatch):
 
 ENGINE_SCRIPT = r"""
 import json, sys
-from launch.configio import load_config
+from common.configio import load_config
 from pretrain.config import PretrainConfig
 from pretrain.engine import Trainer
 url, root, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

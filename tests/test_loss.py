@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.configio import ConfigError
+from common.errors import ConfigError
 from pretrain.loss import DistributedInfoNCE, LossConfig, batch_layout, info_nce
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from common.errors import ConfigError
 from launch.services import PrometheusServer
 from pretrain.metrics import MetricsConfig, TrainMetrics, write_file_sd
 
@@ -166,7 +167,6 @@ def test_step_counters_without_losses_then_losses_on_log_steps():
 
 
 def test_metrics_config_errors_name_the_key():
-    from launch.configio import ConfigError
 
     with pytest.raises(ConfigError, match="metrics.linger_s"):
         MetricsConfig(linger_s=-1).validate()

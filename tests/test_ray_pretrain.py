@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.configio import ConfigError
+from common.errors import ConfigError
 from launch.services import PrometheusServer
 from tests.helpers import TINY_OVERRIDES as TINY
 from tests.helpers import launcher_env as run_env
@@ -42,8 +42,8 @@ def test_prepare_config_makes_paths_absolute_and_checks_devices(tmp_path, monkey
 
 @pytest.mark.integration
 def test_ray_job_trains_checkpoints_and_is_scraped(tmp_path, monkeypatch):
+    from common.ray_jobs import submit_and_wait
     from launch.ray_head import RayHead
-    from launch.ray_submit import submit_and_wait
 
     # The head's environment is its jobs' and workers': CPU DeepSpeed with the cached shm_comm build.
     for key, value in run_env().items():

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from launch.configio import ConfigError
+from common.errors import ConfigError
 from pretrain.sampling import (
     REFERENCE_FPS,
     FrameSampler,

@@ -9,7 +9,7 @@ from itertools import islice
 import pytest
 import torch
 
-from launch.configio import ConfigError
+from common.errors import ConfigError
 from pretrain.stream import ClipStream, StreamConfig, StreamError, StreamStateError, resolve_shards
 
 UNEVEN = [7, 3, 12, 5, 9, 1, 6]  # samples per shard

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.errors import ConfigError
 from data_shards.labels import EXPRESSIONS
 from data_shards.synth import (
     AU_NAMES,
@@ -27,7 +28,6 @@ from data_shards.synth.geometry import aligned_shapes, face_geometry
 from data_shards.synth.identity import make_identity
 from data_shards.synth.render import FaceRenderer
 from data_shards.synth.timeline import still_timeline
-from launch.configio import ConfigError
 
 SMALL = dict(identities=2, clips_per_identity=2, seconds=3.0, size=64)
 

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import UserError
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError, ValueError):
     """The user path does not hold the expected dataset layout; the message says what was expected."""
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import ConfigError
 from data_shards.synth.config import SynthConfig
 from data_shards.synth.expression import AU_NAMES
 from data_shards.synth.geometry import FaceGeometry, face_geometry
@@ -130,8 +131,6 @@ def eval_frame_positions(n_frames: int, frames_per_clip: int) -> list[int]:
 def iter_eval_frames(cfg: SynthConfig, frames_per_clip: int) -> Iterator[FrameSample]:
     cfg.validate()
     if frames_per_clip < 1:
-        from launch.configio import ConfigError
-
         raise ConfigError(f"config key 'frames_per_clip': must be >= 1, got {frames_per_clip}")
     for identity, clip in clip_indices(cfg):
         sim = simulate_clip(cfg, identity, clip)

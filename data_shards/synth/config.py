@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.configio import ConfigError
+from common.errors import ConfigError
 
 # Evaluation identities start here; pretraining identities are 0..N-1. Disjoint by construction for any
 # realistic N (a million pretraining identities would be needed to collide).

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from common.errors import ConfigError
 from data_shards.labels import EXPRESSIONS
 from data_shards.synth.clip import render_clip, simulate_clip
 from data_shards.synth.config import SynthConfig
@@ -23,8 +24,6 @@ STRIP_FRAMES = 8
 
 def render_contact_sheet(out_png: str | Path, seed: int, identities: int = 6, size: int = 128) -> Path:
     if identities < 1:
-        from launch.configio import ConfigError
-
         raise ConfigError(f"config key 'identities': must be >= 1, got {identities}")
     font = ImageFont.load_default()
     cols = len(EXPRESSIONS)

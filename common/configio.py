@@ -8,7 +8,7 @@ One config object describes a whole run. Rules (the same for every entry point):
 * Unknown keys and values of the wrong type are errors (:class:`ConfigError`) that name the dotted key.
 * :func:`save_config` writes the resolved config (secrets redacted) next to an output.
 
-This module imports nothing from the project so any package may use it.
+This module imports nothing from the project but :mod:`common.errors`, so any package may use it.
 """
 
 from __future__ import annotations
@@ -21,14 +21,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from common.errors import ConfigError
+
 T = TypeVar("T")
 
 # Field names whose values never reach a file or a log.
 SECRET_FIELD_NAMES = ("secret", "password", "token", "access_key")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key and the fix."""
 
 
 def _type_name(tp: Any) -> str:

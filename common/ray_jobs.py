@@ -1,0 +1,122 @@
+"""Submit a command to a Ray cluster's Jobs API, follow its log, wait, and report its fate as an exit code.
+
+Used by ``launch/ray_submit.py`` (the command line) and ``python -m eval --submit``. The working dir is uploaded
+as the job's ``runtime_env`` (without .venv, .cache, runs, .git and caches), so the job runs this checkout's
+code with the head's Python. Exit codes: 0 succeeded, 1 failed or stopped, 124 timed out (the job is stopped on
+timeout or Ctrl-C), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+EXCLUDES = [
+    ".venv",
+    ".cache",
+    "runs",
+    "out",
+    ".git",
+    "__pycache__",
+    "*.pyc",
+    ".ruff_cache",
+    ".pytest_cache",
+    "*.egg-info",
+]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+# Set for every Ray process the project starts or talks to.
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # else Ray binds all interfaces despite 127.0.0.1
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",  # explicit, or job submission can fail after a local ray.init wrote a token
+}
+
+
+def ray_env() -> dict[str, str]:
+    """RAY_ENV set in this process (unless already set) and returned with OMP_NUM_THREADS for the job."""
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **RAY_ENV}
+
+
+def submit_and_wait(
+    address: str,
+    entrypoint: list[str],
+    working_dir: str | None = ".",
+    timeout_s: float = 3600.0,
+    follow: bool = True,
+    copy_results: str | None = None,
+    poll_s: float = 1.0,
+    out=sys.stdout,
+) -> int:
+    """Submit ``entrypoint`` as a job, stream its log to ``out``, wait up to ``timeout_s``; return an exit code."""
+    from ray.job_submission import JobSubmissionClient
+
+    env_vars = ray_env()
+    client = JobSubmissionClient(address)
+    runtime_env: dict = {"env_vars": env_vars}
+    if working_dir:
+        runtime_env.update(working_dir=str(Path(working_dir).resolve()), excludes=EXCLUDES)
+    command = shlex.join(entrypoint)
+    job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env)
+    print(f"submitted job {job_id} to {address}: {command}", file=out, flush=True)
+    deadline = time.monotonic() + timeout_s
+    shown = 0
+    status = "PENDING"
+    try:
+        while True:
+            status = str(client.get_job_status(job_id).value)
+            if follow:
+                logs = client.get_job_logs(job_id)
+                if len(logs) > shown:
+                    out.write(logs[shown:])
+                    out.flush()
+                    shown = len(logs)
+            if status in TERMINAL:
+                break
+            if time.monotonic() > deadline:
+                client.stop_job(job_id)
+                print(f"job {job_id} still {status} after {timeout_s:g} s: stopped it", file=out, flush=True)
+                return 124
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        client.stop_job(job_id)
+        print(f"interrupted: stopped job {job_id}", file=out, flush=True)
+        return 130
+    info = client.get_job_info(job_id)
+    print(f"job {job_id} {status}" + (f": {info.message}" if info.message else ""), file=out, flush=True)
+    if status != "SUCCEEDED":
+        return 1
+    if copy_results:
+        _copy_results(entrypoint, copy_results, out)
+    return 0
+
+
+def output_dir(entrypoint: list[str]) -> str | None:
+    """The value of ``--out`` in the entrypoint, if any."""
+    for i, arg in enumerate(entrypoint):
+        if arg == "--out" and i + 1 < len(entrypoint):
+            return entrypoint[i + 1]
+        if arg.startswith("--out="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _copy_results(entrypoint: list[str], dest: str, out) -> None:
+    src = output_dir(entrypoint)
+    if not src or not Path(src).is_absolute() or not Path(src).is_dir():
+        print(
+            f"results not copied: the job's --out ({src}) is not an absolute folder visible here; "
+            "they stay on the cluster at that path",
+            file=out,
+        )
+        return
+    if Path(src).resolve() != Path(dest).resolve():
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+    print(f"results in {dest}", file=out)
