@@ -3,6 +3,14 @@
 A corrupt sample never stops a reader: bad JSON or a missing part skips that sample, a truncated or
 corrupt tar ends that shard after its last complete sample. Every skip is counted by reason, and logged at
 most a few times per reason so a bad dataset cannot flood the log.
+
+Reading is bounded and total: any failure while parsing one sample (whatever the exception) skips that sample,
+any failure while parsing the archive ends that shard; only storage errors (``OSError``: credentials, network,
+a missing shard) are raised, since they have their own retry path. Bounds: a member is at most
+``tar_stream.MAX_MEMBER_BYTES`` (checked before reading), a sample at most :data:`MAX_SAMPLE_BYTES` and
+:data:`MAX_SAMPLE_MEMBERS` members, a JSON at most :data:`MAX_JSON_BYTES`, a landmarks array is checked from its
+.npy header before it is loaded, and frame numbers have at most 9 digits. A reader thus never holds more than
+about one sample's bytes (<= 1 GiB) however hostile the shard.
 """
 
 from __future__ import annotations
@@ -12,9 +20,7 @@ import io
 import json
 import logging
 import re
-import tarfile
 import threading
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,11 +29,14 @@ import numpy as np
 
 from data_shards import store
 from data_shards.manifest import MANIFEST_NAME, ManifestError, validate_manifest
-from data_shards.tar_stream import TruncatedMember, iter_members
+from data_shards.tar_stream import TarFormatError, TruncatedMember, iter_members
 
 log = logging.getLogger(__name__)
 
-FRAME_NAME = re.compile(r"^(\d+)\.jpe?g$")
+FRAME_NAME = re.compile(r"^(\d{1,9})\.jpe?g$", re.IGNORECASE)
+MAX_SAMPLE_BYTES = 1 << 30
+MAX_SAMPLE_MEMBERS = 100_000
+MAX_JSON_BYTES = 16 << 20
 # Clip shards keep per-frame landmarks in this member (float32 array (T, 68, 2) in .npy format) rather than in
 # the JSON; shards written before carry them as ``meta["landmarks"]`` lists, which readers still accept.
 LANDMARKS_MEMBER = "landmarks.npy"
@@ -85,14 +94,24 @@ def shard_urls(url: str, manifest: dict[str, Any] | None = None) -> list[str]:
 
 
 def _sample_from_parts(key: str, parts: dict[str, bytes], handler: SkipHandler, where: str) -> dict | None:
+    try:
+        return _parse_sample(key, parts, handler, where)
+    except Exception as err:  # total: no input may stop a reader; the reason names what failed
+        handler("bad_sample", f"{where} sample {key[:200]}: {type(err).__name__}: {str(err)[:200]}")
+        return None
+
+
+def _parse_sample(key: str, parts: dict[str, bytes], handler: SkipHandler, where: str) -> dict | None:
     if "json" not in parts:
         handler("missing_json", f"{where} sample {key}")
         return None
     try:
+        if len(parts["json"]) > MAX_JSON_BYTES:
+            raise ValueError(f"{len(parts['json'])} bytes, over the {MAX_JSON_BYTES} cap")
         meta = json.loads(parts["json"])
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         handler("bad_json", f"{where} sample {key}: {err}")
         return None
     if LANDMARKS_MEMBER in parts:
@@ -121,11 +140,26 @@ def _sample_from_parts(key: str, parts: dict[str, bytes], handler: SkipHandler, 
 
 
 def _load_npy(data: bytes) -> np.ndarray:
-    """A numeric array from .npy bytes (never pickles); ValueError if the bytes are not one."""
+    """A numeric array from .npy bytes (never pickles); ValueError if the bytes are not one.
+
+    The header is checked before loading: its shape must account for exactly the bytes present, so a header
+    claiming 10^12 frames is refused instead of allocated."""
+    fmt = np.lib.format
     try:
+        stream = io.BytesIO(data)
+        version = fmt.read_magic(stream)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read_header(stream)
+        if dtype.hasobject or dtype.kind not in "fiu":
+            raise ValueError(f"dtype {dtype} is not numeric")
+        needed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        if needed != len(data) - stream.tell():
+            raise ValueError(
+                f"header shape {shape} needs {needed} bytes, {len(data) - stream.tell()} present"
+            )
         array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (OSError, EOFError, ValueError) as err:
-        raise ValueError(f"not a readable .npy array ({err})") from err
+    except (OSError, EOFError, ValueError, TypeError, OverflowError) as err:
+        raise ValueError(f"not a readable .npy array ({str(err)[:200]})") from err
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
         raise ValueError("not a numeric array")
     return array
@@ -135,6 +169,7 @@ def iter_tar_samples(stream, where: str, handler: SkipHandler) -> Iterator[dict[
     """Samples from an open tar stream (members grouped by key = name up to the first dot)."""
     current_key: str | None = None
     parts: dict[str, bytes] = {}
+    held = 0  # bytes of the sample being assembled
     try:
         for name, data in iter_members(stream):
             key, dot, ext = name.partition(".")
@@ -146,9 +181,19 @@ def iter_tar_samples(stream, where: str, handler: SkipHandler) -> Iterator[dict[
                     sample = _sample_from_parts(current_key, parts, handler, where)
                     if sample is not None:
                         yield sample
-                current_key, parts = key, {}
+                current_key, parts, held = key, {}, 0
+            held += len(data)
+            if held > MAX_SAMPLE_BYTES or len(parts) >= MAX_SAMPLE_MEMBERS:
+                raise TarFormatError(
+                    f"sample {key[:200]} holds over {MAX_SAMPLE_BYTES} bytes or {MAX_SAMPLE_MEMBERS} members"
+                )
             parts[ext] = data
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+    except OSError as err:
+        if not isinstance(err, gzip.BadGzipFile):
+            raise  # storage problems (network, credentials) are not corrupt data: the caller retries
+        handler("truncated_tar", f"{where}: {type(err).__name__}: {err}")
+        return
+    except Exception as err:  # noqa: BLE001 - any parse failure of the archive ends this shard, counted
         # Network errors (OSError) are not caught here: they are storage problems, not corrupt data.
         # The sample being read when the tar broke may be incomplete: drop it, keep what came before. If the
         # cut member already belongs to the next sample, the one before it is complete.

@@ -16,6 +16,11 @@ few slices per member:
   complete archive.)
 
 gzip-compressed archives are decompressed on the fly (``.tar.gz`` shards); bz2/xz ones fall back to ``tarfile``.
+
+Hostile archives are bounded: a member whose declared size is over ``max_member_bytes`` (64 MiB by default;
+a face JPEG is ~10-50 KB) raises :class:`OversizedMember` before a byte of it is read, so neither a forged size
+field nor a decompression bomb can make the reader allocate more than that; malformed numbers in headers and
+PAX records raise :class:`TarFormatError`.
 """
 
 from __future__ import annotations
@@ -29,10 +34,15 @@ BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")
 GZIP_MAGIC = b"\x1f\x8b"
 OTHER_COMPRESSION = (b"BZh", b"\xfd7zXZ\x00")
+MAX_MEMBER_BYTES = 64 << 20
 
 
 class TarFormatError(tarfile.TarError):
     """The bytes are not a valid tar archive (bad header checksum or size field)."""
+
+
+class OversizedMember(TarFormatError):
+    """A member declares more bytes than the reader accepts (a forged size field or a decompression bomb)."""
 
 
 class TruncatedMember(EOFError):
@@ -99,11 +109,11 @@ def _pax_records(payload: bytes) -> dict[str, str]:
         space = payload.find(b" ", pos)
         if space < 0:
             break
-        try:
-            length = int(payload[pos:space])
-        except ValueError as err:
-            raise TarFormatError("invalid PAX extended header") from err
-        if length <= 0:
+        digits = payload[pos:space]
+        if not digits.isdigit() or len(digits) > 12:
+            raise TarFormatError("invalid PAX extended header (record length is not a number)")
+        length = int(digits)
+        if length <= space - pos or pos + length > len(payload):
             raise TarFormatError("invalid PAX extended header")
         key, _, value = payload[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
@@ -111,14 +121,28 @@ def _pax_records(payload: bytes) -> dict[str, str]:
     return records
 
 
-def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+def _pax_size(value: str) -> int:
+    if not value.isdigit() or len(value) > 20:
+        raise TarFormatError(f"invalid PAX size record {value[:40]!r}")
+    return int(value)
+
+
+def _check_size(name: str, size: int, cap: int) -> None:
+    if size > cap:
+        raise OversizedMember(
+            f"member {name[:200]} declares {size} bytes, over the reader's cap of {cap} "
+            "(a forged size field or a decompression bomb)"
+        )
+
+
+def iter_members(stream: BinaryIO, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
     """(name, data) of every regular file in the tar (or .tar.gz) read from ``stream``, in archive order."""
     head = stream.read(BLOCK)
     source: BinaryIO = _Prefixed(head, stream)
     if head[:2] == GZIP_MAGIC:
         source = gzip.GzipFile(fileobj=source, mode="rb")
     elif head.startswith(OTHER_COMPRESSION):
-        yield from _iter_with_tarfile(source)
+        yield from _iter_with_tarfile(source, max_member_bytes)
         return
     pax: dict[str, str] = {}
     long_name: str | None = None
@@ -129,13 +153,17 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if len(header) < BLOCK:
             header += _read_exactly(source, BLOCK - len(header), "a member header")
         if header.count(0) == BLOCK:
-            return  # end-of-archive
+            # end-of-archive: two zero blocks. Members after a lone zero block would be lost silently.
+            after = source.read(BLOCK)
+            if after and after.count(0) != len(after):
+                raise TarFormatError("a zero block inside the archive, with members after it (corrupted)")
+            return
         if not _checksum_ok(header):
             raise TarFormatError("bad tar header checksum (not a tar archive, or corrupted)")
         size = _number(header[124:136])
         kind = header[156:157]
         if "size" in pax:
-            size = int(pax["size"])
+            size = _pax_size(pax["size"])
         if size < 0:
             raise TarFormatError(f"negative member size {size}")
         padded = -(-size // BLOCK) * BLOCK
@@ -145,6 +173,7 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX ustar: name = prefix/name
                 prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 name = f"{prefix}/{name}"
+        _check_size(name, size, max_member_bytes)
         try:
             data = _read_exactly(source, padded, "a member")[:size] if padded else b""
         except EOFError as err:
@@ -162,10 +191,11 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             yield name, data
 
 
-def _iter_with_tarfile(source: BinaryIO) -> Iterator[tuple[str, bytes]]:
+def _iter_with_tarfile(source: BinaryIO, max_member_bytes: int) -> Iterator[tuple[str, bytes]]:
     with tarfile.open(fileobj=source, mode="r|*") as tar:
         for member in tar:
             if member.isfile():
+                _check_size(member.name, member.size, max_member_bytes)
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise EOFError(f"member {member.name} is cut short")
