@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.ray_jobs import RAY_ENV
-from launch.services import ServiceError, free_port, pid_alive, stop_pid
+from launch.services import ServiceError, free_port, process_start_time, same_process, stop_pid
 
 
 @dataclass
@@ -106,6 +106,7 @@ class RayHead:
             json.dumps(
                 {
                     "pid": self.pid,
+                    "pid_start": process_start_time(self.pid),
                     "gcs_address": self.gcs_address,
                     "dashboard_url": self.dashboard_url,
                     "temp_dir": self.temp_dir,
@@ -179,10 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     info = json.loads(info_path.read_text())
     if args.action == "status":
-        alive = pid_alive(int(info["pid"]))
+        alive = same_process(int(info["pid"]), info.get("pid_start"))
         print(f"pid {info['pid']} {'running' if alive else 'not running'}; dashboard {info['dashboard_url']}")
         return 0 if alive else 1
-    stop_pid(int(info["pid"]), timeout_s=5.0)
+    if same_process(int(info["pid"]), info.get("pid_start")):
+        stop_pid(int(info["pid"]), timeout_s=5.0)
+    else:  # the recorded PID now names another process: never signal it
+        print(
+            f"Ray head pid {info['pid']} is no longer running (that PID now names another process, left alone)"
+        )
     if Path(info["temp_dir"]).name.startswith("rayh-"):
         shutil.rmtree(info["temp_dir"], ignore_errors=True)
     info_path.unlink()

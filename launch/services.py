@@ -9,6 +9,12 @@ Usable from tests (``ObjectStore`` as a context manager) and as a CLI::
 Every server binds 127.0.0.1 only, requires credentials (SeaweedFS allows EVERYTHING when none are
 configured), is waited on by polling its port rather than sleeping, and is stopped by the PID recorded in
 ``<dir>/*.pid``. The Ray head lives in ``launch/ray_head.py``.
+
+Trust model of the object store: the S3 port needs the access/secret key pair; the filer's and volume
+server's HTTP ports need a JWT signed with keys generated per store (``security.toml``, 0600, in the store's
+folder), so a local process without them gets 401 for GET, POST and DELETE. The store's folder is 0700 and the
+files holding secrets (``store.json``, ``security.toml``) are 0600. A recorded PID is signalled only while
+its process start time still matches the one recorded at start (PIDs get reused).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -72,6 +79,37 @@ def wait_for_port(
                 return
         time.sleep(0.05)
     raise ServiceError(f"nothing answered on 127.0.0.1:{port} within {timeout_s:.0f} s (see {log})")
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if there is no such process.
+
+    A PID plus its start time names one process for good: a PID alone may have been reused since."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # field 22; the command name may hold spaces and ')'
+
+
+def same_process(pid: int, start_time: str | None) -> bool:
+    """``pid`` is still the process that was started (a missing start time: fall back to 'alive')."""
+    if start_time is None:
+        return pid_alive(pid)
+    return process_start_time(pid) == start_time
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read (0600 from creation, never world-readable)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+
+
+def export_lines(env: dict[str, str]) -> str:
+    """``export K=V`` lines safe for ``eval``: values are shell-quoted."""
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
 
 
 def pid_alive(pid: int) -> bool:
@@ -130,6 +168,14 @@ def weed_binary() -> str:
     return found
 
 
+def _security_toml() -> str:
+    """Per-store random JWT keys: writes and reads on the filer/volume HTTP ports need a signed token."""
+    sections = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
+    return "".join(
+        f'[{name}]\nkey = "{secrets.token_hex(24)}"\nexpires_after_seconds = 60\n\n' for name in sections
+    )
+
+
 @dataclass
 class ObjectStore:
     """A SeaweedFS ``weed mini`` S3 server on 127.0.0.1 with required credentials."""
@@ -142,6 +188,9 @@ class ObjectStore:
     memory_limit: str = "384MiB"
     startup_timeout_s: float = 60.0
     pid: int | None = None
+    master_port: int = 0  # the internal ports weed listens on (loopback), set at start
+    volume_port: int = 0
+    filer_port: int = 0
 
     @property
     def endpoint(self) -> str:
@@ -162,10 +211,15 @@ class ObjectStore:
             raise ServiceError(
                 f"a store was already started in {self.data_dir} (stop it first, or use a fresh --dir)"
             )
-        # A fresh directory per run: weed reloads options from its dir.
-        (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
+        # A fresh directory per run: weed reloads options from its dir. Only its owner may enter it.
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        (self.data_dir / "data").mkdir(mode=0o700, parents=True, exist_ok=True)
+        # weed reads security.toml from its working dir: JWT keys for the filer's and volume server's HTTP.
+        write_private(self.data_dir / "security.toml", _security_toml())
         self.port = self.port or free_port()
         ports = [free_port() for _ in range(4)]  # master, volume, filer, their grpc are derived by weed
+        self.master_port, self.volume_port, self.filer_port = ports[:3]
         log_path = self.data_dir / "weed.log"
         env = dict(os.environ)
         env.update(
@@ -198,8 +252,16 @@ class ObjectStore:
         except BaseException:
             self.stop()
             raise
-        (self.data_dir / "store.json").write_text(
-            json.dumps({"pid": self.pid, "bucket": self.bucket, **self.env()})
+        write_private(
+            self.data_dir / "store.json",
+            json.dumps(
+                {
+                    "pid": self.pid,
+                    "pid_start": process_start_time(self.pid),
+                    "bucket": self.bucket,
+                    **self.env(),
+                }
+            ),
         )
         return self
 
@@ -323,7 +385,7 @@ class PrometheusServer:
             f"--config.file={config_path}",
             f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
-            "--web.enable-lifecycle",
+            # no --web.enable-lifecycle: any local process could otherwise stop or reload the server
         ]
         proc = spawn_logged(cmd, log_path, self.data_dir / "prometheus.pid")
         self.pid = proc.pid
@@ -425,12 +487,12 @@ def _store_cli(args: argparse.Namespace) -> int:
         store = ObjectStore(data_dir=data_dir, port=args.port, bucket=args.bucket)
         if args.access_key:
             store.access_key = args.access_key
-        if args.secret_key:
-            store.secret_key = args.secret_key
+        # The secret comes from the environment, never from argv (visible to every user in `ps`).
+        if os.environ.get("SSLFER_STORE_SECRET_KEY"):
+            store.secret_key = os.environ["SSLFER_STORE_SECRET_KEY"]
         store.start()
         print(f"# object store (SeaweedFS) running, pid {store.pid}, bucket s3://{store.bucket}")
-        for key, value in store.env().items():
-            print(f"export {key}={value}")
+        print(export_lines(store.env()), end="")
         return 0
     if not info_path.exists():
         print(f"no store recorded in {data_dir}", file=sys.stderr)
@@ -438,22 +500,20 @@ def _store_cli(args: argparse.Namespace) -> int:
     info = json.loads(info_path.read_text())
     pid = int(info["pid"])
     if args.action == "status":
-        alive = pid_alive(pid)
+        alive = same_process(pid, info.get("pid_start"))
         print(f"pid {pid} {'running' if alive else 'not running'} at {info['AWS_ENDPOINT_URL_S3']}")
         return 0 if alive else 1
     if args.action == "env":
-        for key in (
-            "AWS_ENDPOINT_URL_S3",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION",
-        ):
-            print(f"export {key}={info[key]}")
+        keys = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+        print(export_lines({key: str(info[key]) for key in keys}), end="")
         return 0
-    stop_pid(pid)
+    if same_process(pid, info.get("pid_start")):
+        stop_pid(pid)
+        print(f"stopped object store pid {pid}")
+    else:
+        print(f"object store pid {pid} is no longer running (that PID now names another process, left alone)")
     (data_dir / "weed.pid").unlink(missing_ok=True)
     info_path.unlink()
-    print(f"stopped object store pid {pid}")
     return 0
 
 
@@ -468,7 +528,6 @@ def main(argv: list[str] | None = None) -> int:
     store.add_argument("--port", type=int, default=8333)
     store.add_argument("--bucket", default=DEFAULT_BUCKET)
     store.add_argument("--access-key", default=os.environ.get("SSLFER_STORE_ACCESS_KEY"))
-    store.add_argument("--secret-key", default=os.environ.get("SSLFER_STORE_SECRET_KEY"))
     args = parser.parse_args(argv)
     return _store_cli(args)
 

@@ -21,9 +21,8 @@ if ((${#need_apt[@]})); then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}") >/tmp/sslfer-apt.log 2>&1 \
       || { echo "[setup] apt-get failed, see /tmp/sslfer-apt.log"; exit 1; }
     rm -f /usr/sbin/policy-rc.d
-    # Some images start them anyway; we run our own instances on loopback.
-    pkill -x prometheus 2>/dev/null || true
-    pkill -f prometheus-pushgateway 2>/dev/null || true
+    # Never stop anything by name (other users' instances); the project runs its own instances on loopback
+    # ports it picks, so a system instance that some image starts anyway is left alone.
   else
     echo "[setup] not root: install ${need_apt[*]} yourself (apt-get install ${need_apt[*]}) for the metrics tests"
   fi

@@ -77,3 +77,86 @@ def test_unsigned_and_wrongly_signed_requests_are_refused(tmp_path):
         pid = store.pid
     assert not pid_alive(pid)
     assert not os.path.exists(tmp_path / "s" / "weed.pid")
+
+
+def test_filer_and_volume_ports_refuse_requests_without_a_token(tmp_path):
+    """Only the S3 port was authenticated once: the filer served GET, POST (overwrite) and DELETE to anyone."""
+    with ObjectStore(data_dir=tmp_path / "s") as store:
+        client = store._client()
+        client.put_object(Bucket=store.bucket, Key="d/manifest.json", Body=b'{"ok": 1}')
+        path = f"/buckets/{store.bucket}/d/manifest.json"
+        for method, port, data in (
+            ("GET", store.filer_port, None),
+            ("POST", store.filer_port, b"overwritten"),
+            ("PUT", store.filer_port, b"overwritten"),
+            ("DELETE", store.filer_port, None),
+            ("GET", store.filer_port, b""),
+        ):
+            url = f"http://127.0.0.1:{port}{path if data != b'' else '/'}"
+            request = urllib.request.Request(url, data=data or None, method=method)
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(request, timeout=5)
+            assert err.value.code == 401, (method, url)
+        assert client.get_object(Bucket=store.bucket, Key="d/manifest.json")["Body"].read() == b'{"ok": 1}'
+        # Secrets and data are private to their owner.
+        assert (tmp_path / "s").stat().st_mode & 0o777 == 0o700
+        assert (tmp_path / "s" / "data").stat().st_mode & 0o777 == 0o700
+        for name in ("store.json", "security.toml"):
+            assert (tmp_path / "s" / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_exports_are_quoted_so_eval_runs_no_embedded_command(tmp_path):
+    from launch.services import export_lines
+
+    marker = tmp_path / "pwned"
+    secret = f"abc$(touch {marker})`touch {marker}`;touch {marker} 'q\"x"
+    script = export_lines({"AWS_SECRET_ACCESS_KEY": secret}) + 'printf %s "$AWS_SECRET_ACCESS_KEY"'
+    shown = subprocess.run(["bash", "-c", 'eval "$(cat)"'], input=script, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == secret
+    assert not marker.exists()
+
+
+def test_secret_key_is_not_accepted_in_argv(tmp_path):
+    run = [sys.executable, "-m", "launch.services", "store", "start", "--dir", str(tmp_path / "s")]
+    refused = subprocess.run([*run, "--secret-key", "s3cret"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "unrecognized arguments: --secret-key" in refused.stderr
+
+
+def test_stop_leaves_alone_a_process_that_reused_the_recorded_pid(tmp_path):
+    """``store stop`` after the store died and its PID went to another process must not kill that one."""
+    import json
+
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        state = tmp_path / "s"
+        state.mkdir()
+        record = {"pid": bystander.pid, "pid_start": "1", "bucket": "b", "AWS_ENDPOINT_URL_S3": "http://x"}
+        (state / "store.json").write_text(json.dumps(record))
+        run = [sys.executable, "-m", "launch.services", "store"]
+        status = subprocess.run([*run, "status", "--dir", str(state)], capture_output=True, text=True)
+        assert status.returncode == 1 and "not running" in status.stdout
+        stopped = subprocess.run(
+            [*run, "stop", "--dir", str(state)], capture_output=True, text=True, timeout=30
+        )
+        assert stopped.returncode == 0 and "left alone" in stopped.stdout
+        assert bystander.poll() is None and pid_alive(bystander.pid)
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_prometheus_has_no_lifecycle_api(tmp_path):
+    import shutil
+
+    from launch.services import PrometheusServer
+
+    if not shutil.which("prometheus"):
+        pytest.fail("prometheus is not installed: run `make setup` as root")
+    with PrometheusServer(data_dir=tmp_path / "prom") as prom:
+        request = urllib.request.Request(f"{prom.url}/-/quit", data=b"", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=5)
+        assert err.value.code == 403
+        with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=5) as resp:
+            assert resp.status == 200
