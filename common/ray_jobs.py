@@ -8,6 +8,7 @@ timeout or Ctrl-C), 130 interrupted.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import shutil
@@ -67,24 +68,15 @@ def submit_and_wait(
     job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env)
     print(f"submitted job {job_id} to {address}: {command}", file=out, flush=True)
     deadline = time.monotonic() + timeout_s
-    shown = 0
-    status = "PENDING"
     try:
-        while True:
-            status = str(client.get_job_status(job_id).value)
-            if follow:
-                logs = client.get_job_logs(job_id)
-                if len(logs) > shown:
-                    out.write(logs[shown:])
-                    out.flush()
-                    shown = len(logs)
-            if status in TERMINAL:
-                break
-            if time.monotonic() > deadline:
-                client.stop_job(job_id)
-                print(f"job {job_id} still {status} after {timeout_s:g} s: stopped it", file=out, flush=True)
-                return 124
-            time.sleep(poll_s)
+        if follow:
+            # The SDK's log tail (a websocket): each new chunk once, not the whole log re-read every poll.
+            _tail_until(client, job_id, out, deadline)
+        status = _wait_terminal(client, job_id, deadline, poll_s)
+        if status not in TERMINAL:
+            client.stop_job(job_id)
+            print(f"job {job_id} still {status} after {timeout_s:g} s: stopped it", file=out, flush=True)
+            return 124
     except KeyboardInterrupt:
         client.stop_job(job_id)
         print(f"interrupted: stopped job {job_id}", file=out, flush=True)
@@ -96,6 +88,35 @@ def submit_and_wait(
     if copy_results:
         _copy_results(entrypoint, copy_results, out)
     return 0
+
+
+def _tail_until(client, job_id: str, out, deadline: float) -> None:
+    """Stream the job's log to ``out`` until the job ends (the tail closes) or ``deadline`` passes."""
+
+    async def follow() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(asyncio.wait_for(follow(), timeout=max(0.0, deadline - time.monotonic())))
+    except TimeoutError:
+        pass  # the caller stops the job
+
+
+def _wait_terminal(client, job_id: str, deadline: float, poll_s: float) -> str:
+    """The job's status once terminal, or its current status when ``deadline`` passes."""
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(poll_s)
+
+
+def default_address() -> str:
+    """Where jobs go without ``--address``: ``RAY_ADDRESS`` as Ray's own tools read it, then
+    ``RAY_DASHBOARD_URL`` (printed by ``launch/ray_head.py``), then the local dashboard."""
+    return os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_DASHBOARD_URL") or "http://127.0.0.1:8265"
 
 
 def output_dir(entrypoint: list[str]) -> str | None:

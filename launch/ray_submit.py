@@ -17,13 +17,12 @@ if it is not visible here, a message says where it is on the cluster.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python launch/ray_submit.py` from anywhere
 
-from common.ray_jobs import submit_and_wait  # noqa: E402
+from common.ray_jobs import default_address, submit_and_wait  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     split = argv.index("--")
     parser = argparse.ArgumentParser(prog="python -m launch.ray_submit", description=__doc__.split("\n")[0])
-    parser.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_URL", "http://127.0.0.1:8265"))
+    parser.add_argument(
+        "--address",
+        default=default_address(),
+        help="Jobs API (http://HEAD:8265) or a Ray address; default: $RAY_ADDRESS, $RAY_DASHBOARD_URL, local",
+    )
     parser.add_argument(
         "--working-dir", default=".", help="folder uploaded as the job's working dir ('' = none)"
     )

@@ -173,3 +173,15 @@ def test_real_head_runs_eval_job(inputs, tmp_path):
     assert (tmp_path / "copied" / "results.json").is_file()
     with open(f"/proc/{pid}/stat") if pid_alive(pid) else io.StringIO("x x Z") as stat:
         assert stat.read().split()[2] == "Z"  # gone (or an unreaped zombie)
+
+
+def test_submit_address_follows_ray_conventions(monkeypatch):
+    from common.ray_jobs import default_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_DASHBOARD_URL", raising=False)
+    assert default_address() == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_DASHBOARD_URL", "http://10.0.0.5:8265")
+    assert default_address() == "http://10.0.0.5:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.9:8265")  # Ray's own variable wins, as in `ray job submit`
+    assert default_address() == "http://10.0.0.9:8265"
