@@ -34,6 +34,8 @@ from data_shards.tar_stream import TarFormatError, TruncatedMember, iter_members
 log = logging.getLogger(__name__)
 
 FRAME_NAME = re.compile(r"^(\d{1,9})\.jpe?g$", re.IGNORECASE)
+KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's base_plus_ext
+META_MEMBER = re.compile(r"(^|/)__[^/]*__($|/)")  # names WebDataset skips as metadata
 MAX_SAMPLE_BYTES = 1 << 30
 MAX_SAMPLE_MEMBERS = 100_000
 MAX_JSON_BYTES = 16 << 20
@@ -165,23 +167,40 @@ def _load_npy(data: bytes) -> np.ndarray:
     return array
 
 
+def member_key(name: str) -> tuple[str | None, str]:
+    """(sample key, extension) by WebDataset's rule: the key is the path up to the first dot of the file name
+    (dots in folder names stay in the key), the extension the rest, lower-cased. ``./`` prefixes (``tar -C dir
+    -cf x.tar .``) are dropped from the key. (None, "") for a name without an extension."""
+    match = KEY_AND_EXTENSION.match(name)
+    if not match:
+        return None, ""
+    key = match.group(1)
+    while key.startswith("./"):
+        key = key[2:]
+    return key, match.group(2).lower()
+
+
 def iter_tar_samples(stream, where: str, handler: SkipHandler) -> Iterator[dict[str, Any]]:
-    """Samples from an open tar stream (members grouped by key = name up to the first dot)."""
+    """Samples from an open tar stream, members grouped consecutively by :func:`member_key`."""
     current_key: str | None = None
     parts: dict[str, bytes] = {}
     held = 0  # bytes of the sample being assembled
+    duplicate = False
     try:
         for name, data in iter_members(stream):
-            key, dot, ext = name.partition(".")
-            if not dot:
-                handler("member_without_extension", f"{where} member {name}")
+            key, ext = member_key(name)
+            if key is None:
+                if not META_MEMBER.search(name):
+                    handler("member_without_extension", f"{where} member {name[:200]}")
                 continue
             if key != current_key:
                 if current_key is not None:
-                    sample = _sample_from_parts(current_key, parts, handler, where)
+                    sample = _finish(current_key, parts, duplicate, handler, where)
                     if sample is not None:
                         yield sample
-                current_key, parts, held = key, {}, 0
+                current_key, parts, held, duplicate = key, {}, 0, False
+            if ext in parts:  # WebDataset refuses a sample with two members of one name; so do we, counted
+                duplicate = True
             held += len(data)
             if held > MAX_SAMPLE_BYTES or len(parts) >= MAX_SAMPLE_MEMBERS:
                 raise TarFormatError(
@@ -198,16 +217,25 @@ def iter_tar_samples(stream, where: str, handler: SkipHandler) -> Iterator[dict[
         # The sample being read when the tar broke may be incomplete: drop it, keep what came before. If the
         # cut member already belongs to the next sample, the one before it is complete.
         if isinstance(err, TruncatedMember) and current_key is not None:
-            if err.name.partition(".")[0] != current_key:
-                sample = _sample_from_parts(current_key, parts, handler, where)
+            if member_key(err.name)[0] != current_key:
+                sample = _finish(current_key, parts, duplicate, handler, where)
                 if sample is not None:
                     yield sample
         handler("truncated_tar", f"{where}: {type(err).__name__}: {err}")
         return
     if current_key is not None:
-        sample = _sample_from_parts(current_key, parts, handler, where)
+        sample = _finish(current_key, parts, duplicate, handler, where)
         if sample is not None:
             yield sample
+
+
+def _finish(
+    key: str, parts: dict[str, bytes], duplicate: bool, handler: SkipHandler, where: str
+) -> dict | None:
+    if duplicate:
+        handler("duplicate_member", f"{where} sample {key[:200]}: two members with the same name")
+        return None
+    return _sample_from_parts(key, parts, handler, where)
 
 
 def iter_samples(shard_url: str, handler: SkipHandler | None = None) -> Iterator[dict[str, Any]]:
