@@ -9,9 +9,12 @@ Splits (all seeded, so every seed gives a different but reproducible split):
 * Otherwise, expression and V/A probes split by identity: a fraction of identities is held out for testing, so
   no person appears on both sides (a probe cannot score by recognising the person).
 * Samples without an identity (``identity_id`` null) are split per sample.
-* Identity leakage uses every identity with >= 2 images: per identity, half the images form the gallery and
-  the rest the probes. The eval set's identities are disjoint from pretraining by construction (SynthFace
-  identity splits), so this measures how much identity the frozen features carry for unseen people.
+* Identity leakage is measured across clips, never within one: per identity with >= 2 clips, the frames of
+  half its clips form the gallery and the frames of the other clips the probes (frames of one clip are
+  near-duplicates: matching them measures memory of a clip, not identity). Samples without a ``clip_id`` are
+  each their own clip (image datasets). The eval set's identities are disjoint from pretraining by
+  construction (SynthFace identity splits), so this measures how much identity the frozen features carry
+  for unseen people.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class FramesData:
     identity: np.ndarray  # object array of str, "" unknown
     split: np.ndarray  # object array of str
     manifest: dict[str, Any] = field(default_factory=dict)
+    clip: np.ndarray | None = None  # object array of str: the clip each frame comes from (its key if none)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -54,6 +58,7 @@ class FramesData:
             arousal=self.arousal,
             identity=self.identity,
             split=self.split,
+            clip=self.clip,
         )
 
 
@@ -65,6 +70,7 @@ class FramesLabels:
     arousal: np.ndarray
     identity: np.ndarray
     split: np.ndarray
+    clip: np.ndarray | None = None  # None: every frame its own clip
 
 
 def dataset_name(url: str) -> str:
@@ -111,7 +117,7 @@ def load_frames(
     default_manifest, default_iter, join = default_io()
     manifest = check_dataset(url, read_manifest or default_manifest)
     iter_samples = iter_samples or default_iter
-    keys, jpegs, expr, val, aro, ident, split = [], [], [], [], [], [], []
+    keys, jpegs, expr, val, aro, ident, split, clip = [], [], [], [], [], [], [], []
     samples: Iterable[dict[str, Any]] = (
         sample for shard in manifest["shards"] for sample in iter_samples(join(url, shard["name"]))
     )
@@ -124,6 +130,8 @@ def load_frames(
         aro.append(_float_or_nan(meta.get("arousal")))
         ident.append(meta.get("identity_id") or "")
         split.append(meta.get("split") or manifest.get("split") or "")
+        clip_id = meta.get("clip_id")
+        clip.append(str(clip_id) if isinstance(clip_id, str | int) and clip_id != "" else sample["key"])
         if max_samples and len(keys) >= max_samples:
             break
     if not keys:
@@ -139,6 +147,7 @@ def load_frames(
         identity=np.asarray(ident, dtype=object),
         split=np.asarray(split, dtype=object),
         manifest=manifest,
+        clip=np.asarray(clip, dtype=object),
     )
 
 
@@ -165,17 +174,29 @@ def train_test_split(
     return np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
 
 
-def gallery_probe_split(identity: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per identity with >= 2 images: half (rounded down, at least 1) gallery, the rest probes."""
+def clips_or_frames(identity: np.ndarray, clip: np.ndarray | None) -> np.ndarray:
+    """The clip of each frame; without clip labels every frame is its own clip."""
+    if clip is None:
+        return np.asarray([f"#{i}" for i in range(len(identity))], dtype=object)
+    return np.asarray(clip, dtype=object)
+
+
+def gallery_probe_split(
+    identity: np.ndarray, seed: int, clip: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per identity with >= 2 clips: the frames of half its clips (rounded down, at least 1) are the gallery,
+    the frames of its other clips the probes, so no probe has a frame of its own clip in the gallery."""
     rng = np.random.default_rng(seed)
+    clip = clips_or_frames(identity, clip)
     gallery, probe = [], []
     for ident in np.unique(identity[identity != ""]):
-        idx = rng.permutation(np.flatnonzero(identity == ident))
-        if idx.size < 2:
+        members = np.flatnonzero(identity == ident)
+        clips = rng.permutation(np.unique(clip[members]))
+        if clips.size < 2:
             continue
-        half = max(1, idx.size // 2)
-        gallery.extend(idx[:half])
-        probe.extend(idx[half:])
+        in_gallery = np.isin(clip[members], clips[: max(1, clips.size // 2)])
+        gallery.extend(members[in_gallery])
+        probe.extend(members[~in_gallery])
     return np.asarray(sorted(gallery), dtype=np.int64), np.asarray(sorted(probe), dtype=np.int64)
 
 

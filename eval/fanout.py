@@ -168,9 +168,9 @@ def probe_task(task: str, features: np.ndarray, labels: FramesLabels, seed: int,
         grp = groups[train] if (groups[train] != "").all() else None
         return va_regression(features[train], va[train], features[test], va[test], cfg.probes, seed, grp)
     if task == "identity":
-        gallery, probe = gallery_probe_split(labels.identity, seed)
-        _require(gallery, probe, labels.name, "identities with >= 2 images")
-        return identity_leakage(features, labels.identity, gallery, probe, cfg.probes, seed)
+        gallery, probe = gallery_probe_split(labels.identity, seed, labels.clip)
+        _require(gallery, probe, labels.name, "identities with >= 2 clips (or images without clip ids)")
+        return identity_leakage(features, labels.identity, gallery, probe, cfg.probes, seed, labels.clip)
     raise ValueError(f"unknown probe task {task!r}")
 
 

@@ -179,17 +179,25 @@ def va_regression(
     return {"metrics": out}
 
 
-def verification_pairs(identity: np.ndarray, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pairs [M, 2], same [M]): about half same-identity pairs, half different-identity pairs."""
+def verification_pairs(
+    identity: np.ndarray, n_pairs: int, seed: int, clip: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pairs [M, 2], same [M]): about half same-identity pairs, half different-identity pairs.
+
+    A same-identity pair always takes its two frames from two different clips (``clip`` None: every frame
+    is its own clip), so near-duplicate frames of one clip never count as a match."""
     rng = np.random.default_rng(seed)
+    clip = np.asarray([f"#{i}" for i in range(len(identity))], dtype=object) if clip is None else clip
     ids, inverse = np.unique(identity, return_inverse=True)
     members = [np.flatnonzero(inverse == i) for i in range(len(ids))]
-    multi = [m for m in members if m.size >= 2]
+    multi = [m for m in members if np.unique(clip[m]).size >= 2]
     pairs, same = [], []
     if multi:
         for _ in range(n_pairs // 2):
             group = multi[rng.integers(len(multi))]
-            pairs.append(rng.choice(group, size=2, replace=False))
+            first = rng.choice(group)
+            others = group[clip[group] != clip[first]]
+            pairs.append([first, rng.choice(others)])
             same.append(True)
     if len(ids) >= 2:
         for _ in range(n_pairs - len(pairs)):
@@ -206,6 +214,7 @@ def identity_leakage(
     probe: np.ndarray,
     cfg: ProbeConfig,
     seed: int,
+    clip: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """1-NN identity accuracy (gallery/probe per identity) and same/different verification AUC and EER.
 
@@ -215,7 +224,8 @@ def identity_leakage(
     xs_gallery, xs_probe, xs_all = standardise(features[gallery], features[probe], features)
     acc = metrics.nn_identity_accuracy(xs_gallery, identity[gallery], xs_probe, identity[probe])
     known = np.flatnonzero(identity != "")
-    pairs, same = verification_pairs(identity[known], cfg.verification_pairs, seed)
+    clip_known = None if clip is None else np.asarray(clip, dtype=object)[known]
+    pairs, same = verification_pairs(identity[known], cfg.verification_pairs, seed, clip_known)
     x = xs_all[known]
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     scores = np.sum(x[pairs[:, 0]] * x[pairs[:, 1]], axis=1)

@@ -123,3 +123,44 @@ def test_finetune_one_epoch_on_cpu(toy):
     assert set(out["metrics"]) >= {"ft_macro_f1", "ft_accuracy", "ft_best_epoch"}
     assert 0.0 <= out["metrics"]["ft_accuracy"] <= 1.0
     assert np.asarray(out["confusion"]).sum() == 12 and len(out["history"]) == 1
+
+
+def test_identity_leakage_is_measured_across_clips_not_within_one():
+    """Features that only remember the clip (near-duplicate frames) but carry no identity: a per-frame split
+    matches frames of one clip and reports identity; the clip-disjoint split reports chance."""
+    from eval.probes import verification_pairs
+
+    rng = np.random.default_rng(1)
+    n_ids, clips_per_id, frames = 20, 4, 6
+    identity = np.repeat([f"id{i}" for i in range(n_ids)], clips_per_id * frames).astype(object)
+    clip = np.repeat([f"c{i}" for i in range(n_ids * clips_per_id)], frames).astype(object)
+    clip_code = rng.normal(size=(n_ids * clips_per_id, 32))
+    _, clip_index = np.unique(clip, return_inverse=True)
+    features = clip_code[clip_index] + 0.05 * rng.normal(size=(clip.size, 32))
+
+    gallery, probe = gallery_probe_split(identity, seed=0, clip=clip)
+    assert not set(clip[gallery]) & set(clip[probe])
+    assert set(identity[gallery]) == set(identity[probe]) == set(identity)
+    pairs, same = verification_pairs(identity, 1000, seed=0, clip=clip)
+    assert same.any() and (clip[pairs[same, 0]] != clip[pairs[same, 1]]).all()
+
+    disjoint = identity_leakage(features, identity, gallery, probe, CFG, seed=0, clip=clip)["metrics"]
+    g_frames, p_frames = gallery_probe_split(identity, seed=0)  # per frame: the old, leaky protocol
+    per_frame = identity_leakage(features, identity, g_frames, p_frames, CFG, seed=0)["metrics"]
+    assert per_frame["id_1nn_accuracy"] > 0.95 and per_frame["verification_auc"] > 0.6
+    assert disjoint["id_1nn_accuracy"] < 0.2  # chance 1/20
+    assert 0.4 < disjoint["verification_auc"] < 0.6
+
+
+def test_frames_data_reads_clip_ids(tmp_path):
+    from data_shards.write import ShardWriter, encode_jpeg
+
+    url = str(tmp_path / "eval")
+    rng = np.random.default_rng(0)
+
+    jpeg = encode_jpeg(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    with ShardWriter(url, "frames", "eval", {}) as writer:
+        writer.write("a", jpeg, {"identity_id": "p", "clip_id": "clipA"})
+        writer.write("b", jpeg, {"identity_id": "p", "clip_id": None})
+    data = load_frames(url)
+    assert list(data.labels().clip) == ["clipA", "b"]
