@@ -42,6 +42,8 @@ MAX_JSON_BYTES = 16 << 20
 # Clip shards keep per-frame landmarks in this member (float32 array (T, 68, 2) in .npy format) rather than in
 # the JSON; shards written before carry them as ``meta["landmarks"]`` lists, which readers still accept.
 LANDMARKS_MEMBER = "landmarks.npy"
+# SynthFace's exact landmarks (evaluation labels; training reads the detector-like ones above and never these).
+EXACT_LANDMARKS_MEMBER = "landmarks_exact.npy"
 SkipHandler = Callable[[str, str], None]
 
 

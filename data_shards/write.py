@@ -21,7 +21,7 @@ import numpy as np
 
 from data_shards import store
 from data_shards.manifest import KINDS, MANIFEST_NAME, ShardEntry, build_manifest, shard_name
-from data_shards.read import LANDMARKS_MEMBER, SkipCounter
+from data_shards.read import EXACT_LANDMARKS_MEMBER, LANDMARKS_MEMBER, SkipCounter
 
 
 class ClipLike(Protocol):
@@ -131,6 +131,12 @@ class ShardWriter:
                 raise TypeError("a frames writer needs one JPEG (bytes) per sample")
             sample["jpg"] = bytes(jpegs)
             frames = 1
+        if self.kind == "clips" and meta.get("landmarks_exact") is not None:
+            # Evaluation-only exact landmarks (SynthFace) as their own member: training never parses them.
+            buffer = io.BytesIO()
+            np.save(buffer, np.asarray(meta["landmarks_exact"], dtype=np.float32), allow_pickle=False)
+            sample[EXACT_LANDMARKS_MEMBER] = buffer.getvalue()
+            meta = {k: v for k, v in meta.items() if k != "landmarks_exact"}
         if self.kind == "clips" and meta.get("landmarks") is not None:
             # Per-frame landmarks as binary float32 (T, 68, 2): parsing them from JSON cost ~6 ms per clip,
             # more than decoding and augmenting the frames a batch takes from it.

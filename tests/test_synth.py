@@ -111,6 +111,7 @@ def test_pretrain_and_eval_identities_are_disjoint():
         "valence",
         "arousal",
         "landmarks",
+        "landmarks_exact",
         "source",
         "clip_id",
         "split",
@@ -229,3 +230,34 @@ def test_expression_scale_and_zoom_change_the_drawing_not_the_labels():
     assert np.array_equal(metas[0].expression, metas[1].expression)
     assert np.array_equal(metas[0].action_units, metas[1].action_units)
     assert spans[1] > 2 * spans[0]
+
+
+def test_shards_carry_detector_like_landmarks_and_keep_the_exact_ones_as_labels(tmp_path):
+    """Detector-like by default: off the exact points by about dlib's error (NME ~0.09 inter-ocular),
+    correlated along the clip, seeded; ``landmarks=exact`` gives the generator's points."""
+    from data_shards.read import iter_samples
+    from data_shards.synth.clip import simulate_clip
+    from data_shards.write import ShardWriter
+
+    cfg = SynthConfig(seed=3, identities=2, clips_per_identity=1, seconds=6, size=64)
+    sim = simulate_clip(cfg, 0, 0)
+    exact = sim.landmarks
+    observed = sim.observed_landmarks(cfg)
+    assert np.array_equal(observed, sim.observed_landmarks(cfg))  # seeded per clip
+    iod = np.linalg.norm(exact[:, 36:42].mean(1) - exact[:, 42:48].mean(1), axis=1)
+    nme = (np.linalg.norm(observed - exact, axis=2) / iod[:, None]).mean()
+    assert 0.05 < nme < 0.15, nme
+    step = np.linalg.norm(np.diff(observed - exact, axis=0), axis=2).mean()
+    jump = np.linalg.norm(observed - exact, axis=2).mean()
+    assert step < jump  # errors drift along the clip rather than jump each frame
+    exact_cfg = SynthConfig(**{**cfg.__dict__, "landmarks": "exact"})
+    assert np.array_equal(sim.observed_landmarks(exact_cfg), exact)
+
+    url = str(tmp_path / "clips")
+    with ShardWriter(url, "clips", "pretrain", {}) as writer:
+        for clip in iter_clips(cfg):
+            writer.write(clip.key, [b"\xff\xd8x"] * len(clip.frames), clip.meta)
+    sample = next(iter_samples(f"{url}/shard-000000.tar"))
+    assert sample["meta"]["landmarks_source"] == "detector"
+    np.testing.assert_allclose(sample["meta"]["landmarks"], observed, atol=0.01)
+    assert "landmarks_exact" not in sample["meta"]  # a separate member: training never parses it

@@ -34,6 +34,13 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.zoom,
         help="face size in the frame, in [0.75, 1.35] (1.0: the first corpus, whole head and shoulders)",
     )
+    group.add_argument(
+        "--landmarks",
+        choices=["detector", "exact"],
+        default=d.landmarks,
+        help="landmarks the shards carry: detector-like (default, as ingested data) or the generator's exact "
+        "points (an oracle for MaskFN); the exact ones are kept as evaluation labels either way",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SynthConfig:
@@ -47,6 +54,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
         identity_offset=getattr(args, "identity_offset", 0),
         expression_scale=getattr(args, "expression_scale", SynthConfig.expression_scale),
         zoom=getattr(args, "zoom", SynthConfig.zoom),
+        landmarks=getattr(args, "landmarks", SynthConfig.landmarks),
     )
     cfg.validate()
     return cfg

@@ -13,6 +13,7 @@ from data_shards.synth.config import SynthConfig
 from data_shards.synth.expression import AU_NAMES
 from data_shards.synth.geometry import FaceGeometry, face_geometry
 from data_shards.synth.identity import Identity, make_identity
+from data_shards.synth.landmark_noise import DetectorNoise
 from data_shards.synth.render import FaceRenderer
 from data_shards.synth.timeline import ClipTimeline, make_timeline
 
@@ -42,10 +43,18 @@ class SimulatedClip:
     identity: Identity
     timeline: ClipTimeline
     geometry: list[FaceGeometry]
+    detector_seed: tuple[int, ...] = ()  # seeds the detector-like landmarks of this clip
 
     @property
     def landmarks(self) -> np.ndarray:
+        """The generator's exact landmarks (T, 68, 2): evaluation labels only."""
         return np.stack([g.landmarks for g in self.geometry])
+
+    def observed_landmarks(self, cfg: SynthConfig) -> np.ndarray:
+        """The landmarks the shards carry: detector-like (default) or the exact ones (``landmarks=exact``)."""
+        if cfg.landmarks == "exact":
+            return self.landmarks
+        return DetectorNoise.default().apply(self.landmarks, np.random.default_rng(self.detector_seed))
 
 
 def clip_key(identity_index: int, clip_index: int) -> str:
@@ -70,7 +79,8 @@ def simulate_clip(cfg: SynthConfig, identity_index: int, clip_index: int) -> Sim
         )
         for i in range(len(tl))
     ]
-    return SimulatedClip(clip_key(identity_index, clip_index), ident, tl, geometry)
+    detector_seed = (cfg.seed, identity_index, clip_index, 0xD7)
+    return SimulatedClip(clip_key(identity_index, clip_index), ident, tl, geometry, detector_seed)
 
 
 def _round(values: np.ndarray, digits: int = 4) -> list:
@@ -86,7 +96,9 @@ def clip_meta(cfg: SynthConfig, sim: SimulatedClip) -> dict[str, Any]:
         "size": int(cfg.size),
         "source": SOURCE,
         "frame_indices": list(range(len(tl))),
-        "landmarks": _round(sim.landmarks, 2),
+        "landmarks": _round(sim.observed_landmarks(cfg), 2),
+        "landmarks_source": cfg.landmarks,
+        "landmarks_exact": _round(sim.landmarks, 2),  # evaluation label, never read by training
         "labels": {
             "expression": [int(v) for v in tl.expression],
             "valence": _round(tl.valence_arousal[:, 0]),
@@ -135,6 +147,7 @@ def iter_eval_frames(cfg: SynthConfig, frames_per_clip: int) -> Iterator[FrameSa
     for identity, clip in clip_indices(cfg):
         sim = simulate_clip(cfg, identity, clip)
         positions = eval_frame_positions(len(sim.geometry), frames_per_clip)
+        observed = sim.observed_landmarks(cfg)
         tl = sim.timeline
         for i, image in zip(positions, render_clip(cfg, sim, positions)):
             meta = {
@@ -142,7 +155,8 @@ def iter_eval_frames(cfg: SynthConfig, frames_per_clip: int) -> Iterator[FrameSa
                 "expression": int(tl.expression[i]),
                 "valence": round(float(tl.valence_arousal[i, 0]), 4),
                 "arousal": round(float(tl.valence_arousal[i, 1]), 4),
-                "landmarks": _round(sim.geometry[i].landmarks, 2),
+                "landmarks": _round(observed[i], 2),
+                "landmarks_exact": _round(sim.geometry[i].landmarks, 2),
                 "source": SOURCE,
                 "clip_id": sim.key,
                 "split": EVAL_SPLIT,

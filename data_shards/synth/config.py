@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from common.errors import ConfigError
 
@@ -42,6 +43,10 @@ class SynthConfig:
     pose_degrees: tuple[float, float, float] = (10.0, 6.0, 5.0)  # yaw, pitch, roll jitter amplitude
     lighting_drift: float = 0.35  # radians the light direction wanders over a clip
     supersample: int = 2  # draw at size * supersample then box-filter down (antialiasing)
+    # Landmarks the shards carry: detector (the exact points passed through a model of dlib's errors, as real
+    # ingested data has; bench/landmark_noise.py) or exact (the generator's points: an oracle for MaskFN).
+    # The exact points are kept either way as the evaluation label `landmarks_exact`.
+    landmarks: Literal["detector", "exact"] = "detector"
 
     def validate(self) -> None:
         _check(self.identities >= 1, "identities", "must be >= 1", self.identities)
