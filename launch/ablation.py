@@ -55,6 +55,7 @@ VARIANTS: dict[str, list[str]] = {
     "all four (SSL-FER)": ["sampling.hard_negatives=true", "faceswap.enabled=true", "loss.fn_mode=pick"],
 }
 FULL_METHOD = "all four (SSL-FER)"
+BASELINE = "simclr"
 COLUMNS = [
     ("expression", "linear_macro_f1", "expr macro-F1", 100),
     ("expression", "linear_accuracy", "expr acc", 100),
@@ -142,24 +143,53 @@ def write_random_init(run_dir: Path, seed: int) -> None:
     save_config(cfg, run_dir / "config.yaml")
 
 
-def aggregate(results: dict, runs: dict[str, list[str]]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    table: dict[str, dict[str, tuple[float, float, int]]] = {}
+def per_seed(results: dict, runs: dict[str, list[str]]) -> dict[str, dict[str, dict[int, float]]]:
+    """variant -> column label -> {pretraining seed: value}; a run's value is the mean over probe seeds."""
+    table: dict[str, dict[str, dict[int, float]]] = {}
     for variant, names in runs.items():
-        row = {}
+        row: dict[str, dict[int, float]] = {}
         for task, metric, label, scale in COLUMNS:
-            values = []
             for name in names:
                 cells = results["results"].get(name, {}).get(task, {})
-                for cell in cells.values():
-                    if metric in cell.get("metrics", {}):
-                        values.append(cell["metrics"][metric]["mean"] * scale)
-            if values:
-                row[label] = (float(np.mean(values)), float(np.std(values)), len(values))
+                values = [
+                    c["metrics"][metric]["mean"] * scale
+                    for c in cells.values()
+                    if metric in c.get("metrics", {})
+                ]
+                if values:
+                    row.setdefault(label, {})[int(name.rsplit("-s", 1)[1])] = float(np.mean(values))
         table[variant] = row
     return table
 
 
-def render(table, commands: list[str], wall_s: float, args, out: Path) -> str:
+def summarise(values: list[float]) -> tuple[float, float, int]:
+    """(mean, SAMPLE standard deviation (ddof=1; 0 for one value), n)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0, int(array.size)
+
+
+def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> dict[str, float] | None:
+    """Mean paired difference over the seeds both have, with its 95% t-interval (None under 2 seeds)."""
+    from scipy import stats
+
+    seeds = sorted(set(values) & set(baseline))
+    if len(seeds) < 2:
+        return None
+    diff = np.asarray([values[s] - baseline[s] for s in seeds])
+    mean, sd, n = float(diff.mean()), float(diff.std(ddof=1)), len(seeds)
+    half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n))
+    return {"mean": mean, "sd": sd, "n": n, "low": mean - half, "high": mean + half}
+
+
+def aggregate(results: dict, runs: dict[str, list[str]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """variant -> label -> (mean, sample std, n) over pretraining seeds."""
+    return {
+        variant: {label: summarise(list(by_seed.values())) for label, by_seed in row.items()}
+        for variant, row in per_seed(results, runs).items()
+    }
+
+
+def render(table, commands: list[str], wall_s: float, args, out: Path, seeds_table=None) -> str:
     from data_shards.synth import SynthConfig
 
     labels = [c[2] for c in COLUMNS]
@@ -171,7 +201,7 @@ def render(table, commands: list[str], wall_s: float, args, out: Path) -> str:
         f"Pretraining: ResNet-18 (width 16), 64 px crops, {args.steps} steps, 2 CPU ranks, 64 images per step, "
         f"{args.identities} pretraining identities; SynthFace at its defaults (expression_scale "
         f"{SynthConfig.expression_scale}, zoom {SynthConfig.zoom}). Evaluation: {args.eval_identities} identities never seen in "
-        "pretraining; linear probes on frozen features. Mean +- std over pretraining seeds "
+        "pretraining; linear probes on frozen features. Mean +- SAMPLE std over pretraining seeds "
         f"{args.seeds}; each seed's value is the mean over 3 probe seeds. Expression F1/accuracy and identity "
         "accuracy in %; chance for 8 classes is 12.5%.",
         "",
@@ -188,6 +218,36 @@ def render(table, commands: list[str], wall_s: float, args, out: Path) -> str:
             digits = 1 if scales[label] == 100 else 3  # percentages vs CCC/AUC
             cells.append(f"{row[label][0]:.{digits}f} ± {row[label][1]:.{digits}f}")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if seeds_table is not None and BASELINE in seeds_table:
+        lines += [
+            "",
+            f"Paired difference to {BASELINE} over the seeds both have (variant minus {BASELINE}), mean and 95% "
+            "t-interval; an interval that contains 0 shows no effect at this power.",
+            "",
+            "| variant | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
+        for variant, row in seeds_table.items():
+            if variant == BASELINE:
+                continue
+            cells = []
+            for label in labels:
+                diff = paired_difference(row.get(label, {}), seeds_table[BASELINE].get(label, {}))
+                digits = 1 if scales[label] == 100 else 3
+                cells.append(
+                    "n/a"
+                    if diff is None
+                    else f"{diff['mean']:+.{digits}f} [{diff['low']:+.{digits}f}, {diff['high']:+.{digits}f}]"
+                )
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        lines += ["", "Per seed (seed: value):", ""]
+        for variant, row in seeds_table.items():
+            for label in (labels[0], labels[-1]):
+                values = ", ".join(
+                    f"{seed}: {value:.{1 if scales[label] == 100 else 3}f}"
+                    for seed, value in sorted(row.get(label, {}).items())
+                )
+                lines.append(f"- {variant}, {label}: {values}")
     lines += [
         "",
         "Higher is better for expression and V/A; LOWER identity accuracy/AUC means less identity leakage.",
@@ -306,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         wall_path.write_text(f"{time.monotonic() - started:.0f}")
     wall_s = float(wall_path.read_text()) if wall_path.exists() else time.monotonic() - started
-    report.write_text(render(table, commands, wall_s, args, out))
-    (out / "ablation.json").write_text(json.dumps(table, indent=2))
+    seeds_table = per_seed(results, runs)
+    report.write_text(render(table, commands, wall_s, args, out, seeds_table))
+    (out / "ablation.json").write_text(json.dumps({"summary": table, "per_seed": seeds_table}, indent=2))
     print(report.read_text())
     return 0
 
