@@ -4,7 +4,7 @@ Work per frame (as in the [A, NA, P, NP] batch, where every view is its own fram
 landmark mask, resize/crop/flip, colour jitter, blur, grayscale, normalise; half the frames get the first view
 family (anchors), half the second (positives). Paths:
 
-* ``dali-cpu``: pretrain.dali_pipeline on the CPU (``num_threads`` DALI threads);
+* ``dali-cpu``: pretrain.pipelines.dali_graph on the CPU (``num_threads`` DALI threads);
 * ``torch-batched``: pretrain.decode + pretrain.augment.ViewAugmenter (torch intra-op threads);
 * ``torchvision``: PIL + torchvision.transforms per sample in a DataLoader (``threads`` workers; 0 for 1 thread),
   the plain baseline; its mask is a PIL ellipse.
@@ -17,12 +17,13 @@ computed, no value read back to the host - the CUDA default) against dynamic one
 op - the CPU default), on ``--device``.
 
 Then the **full pretraining input path** (``data.pipeline`` = torch | dali | torchvision, built by
-``pretrain.batches.make_batch_pipeline`` exactly as the engine builds it) on the same SynthFace clip shards written
-to a temp dir: ClipStream from the shards -> TimeAug/HardNeg frame choice -> decode -> FaceSwap of the positives ->
-two-family augmentation -> mouth-eye descriptors, ``[A, NA, P, NP]`` batches of ``--clips`` clips; images/s and
-ratios against the torchvision DataLoader baseline. Last, the same torch path with per-frame landmark detection
-(``data_shards.faces.FaceAligner``: dlib HOG + 68-point predictor on every decoded frame in the loader threads, as
-the original code did, with its one HOG upsampling pass, ``--dlib-upsample``) against landmarks read from the shards.
+``pretrain.pipelines.make_batch_pipeline`` exactly as the engine builds it) on the same SynthFace clip shards
+written to a temp dir: ClipStream from the shards -> TimeAug/HardNeg frame choice -> decode -> FaceSwap of the
+positives -> two-family augmentation -> mouth-eye descriptors, ``[A, NA, P, NP]`` batches of ``--clips`` clips;
+images/s and ratios against the torchvision DataLoader baseline. Last, the same torch path with per-frame
+landmark detection (``data_shards.faces.FaceAligner``: dlib HOG + 68-point predictor on every decoded frame in the
+loader threads, as the original code did, with its one HOG upsampling pass, ``--dlib-upsample``) against
+landmarks read from the shards.
 
     OMP_NUM_THREADS=1 python bench/bench_input.py [--frames 512] [--batch 64] [--threads 1 2] [--clips 16]
         [--parts views faceswap shapes full] [--device cpu|cuda] [--no-extras] [--dlib-upsample 1]
@@ -132,7 +133,7 @@ class FileBatches:
 
 
 def bench_dali(paths, landmarks, batch: int, threads: int, repeats: int) -> float:
-    from pretrain.dali_pipeline import build_dali_pipeline, dali_iterator
+    from pretrain.pipelines.dali_graph import build_dali_pipeline, dali_iterator
 
     source = FileBatches(paths, landmarks, batch)
     it = dali_iterator(build_dali_pipeline(AugmentConfig(), "cpu", batch, threads, None, 0, source))
@@ -173,7 +174,7 @@ class TorchvisionFrames(torch.utils.data.Dataset):
     """The plain baseline: one PIL image at a time through the torchvision transforms of data.pipeline=torchvision."""
 
     def __init__(self, paths, landmarks, batch: int, cfg: AugmentConfig):
-        from pretrain.tv_pipeline import TorchvisionViews
+        from pretrain.pipelines.torchvision_pipeline import TorchvisionViews
 
         self.paths, self.landmarks, self.batch, self.cfg = paths, landmarks, batch, cfg
         self.views = TorchvisionViews(cfg)
@@ -286,17 +287,17 @@ def dali_available() -> bool:
 
 
 class DetectingPipeline:
-    """Factory: the torch BatchPipeline whose loader threads detect landmarks on every decoded frame (dlib)."""
+    """Factory: the torch pipeline whose loader threads detect landmarks on every decoded frame (dlib)."""
 
     @staticmethod
     def build(cfg, upsample: int):
         from data_shards.faces import FaceAligner, FaceConfig
-        from pretrain.batches import BatchPipeline
+        from pretrain.pipelines.torch_pipeline import TorchBatchPipeline
 
         local = threading.local()
         found = [0, 0]
 
-        class Detecting(BatchPipeline):
+        class Detecting(TorchBatchPipeline):
             def prepare(self, group):
                 host = super().prepare(group)
                 aligner = getattr(local, "aligner", None)
@@ -322,7 +323,7 @@ class DetectingPipeline:
 def bench_local_vs_s3(local_rate: float, args, threads: int, tmp: Path) -> None:
     """The same full torch input path reading its shards from the real local S3 store (SeaweedFS)."""
     from launch.services import ObjectStore
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     with ObjectStore(data_dir=tmp / "store") as store:
         saved = {k: os.environ.get(k) for k in store.env()}
@@ -463,7 +464,7 @@ def run_shapes(args) -> None:
 
 
 def run_full(args) -> None:
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():

@@ -82,10 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     iod = np.linalg.norm(exact[:, 36:42].mean(1) - exact[:, 42:48].mean(1), axis=1)
     error = np.linalg.norm(detected - exact, axis=2) / iod[:, None]
     print("NME of dlib vs exact (inter-ocular units, frames where found):")
-    print(
-        "  all %.3f | " % np.nanmean(error[found])
-        + " | ".join(f"{name} {np.nanmean(error[found][:, list(idx)]):.3f}" for name, idx in GROUPS.items())
-    )
+    by_group = " | ".join(f"{name} {np.nanmean(error[found][:, list(i)]):.3f}" for name, i in GROUPS.items())
+    print(f"  all {np.nanmean(error[found]):.3f} | {by_group}")
 
     # fit on the first half of the clips, judge on the other half
     fit_on, judge = found & (clips < args.identities // 2), found & (clips >= args.identities // 2)

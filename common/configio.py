@@ -3,6 +3,8 @@
 One config object describes a whole run. Rules (the same for every entry point):
 
 * A YAML file gives values for any subset of fields; missing fields keep their dataclass defaults.
+* A YAML file may start from another: ``base: other.yaml`` (relative to the file; chains allowed). Sections
+  merge key by key, the file's own values win; lists and scalars replace the base's.
 * ``key=value`` overrides use dotted keys for nested sections (``data.url=s3://b/p``, ``optim.lr=3e-4``).
   Values are parsed as YAML scalars/lists (``true``, ``3``, ``[2,3]``, ``null``).
 * Unknown keys and values of the wrong type are errors (:class:`ConfigError`) that name the dotted key.
@@ -25,6 +27,9 @@ from common.errors import ConfigError
 
 T = TypeVar("T")
 
+# Top-level key of a config file naming the file it overrides (a path relative to that file). Not a config
+# key: it is consumed while reading and never reaches the dataclass or the saved config.
+BASE_KEY = "base"
 # Field names whose values never reach a file or a log.
 SECRET_FIELD_NAMES = ("secret", "password", "token", "access_key")
 
@@ -52,7 +57,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
-        if value not in args:
+        # type too: YAML's true would otherwise pass as 1 (True == 1)
+        if not any(value == a and type(value) is type(a) for a in args):
             raise ConfigError(f"config key '{key}': must be one of {list(args)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
@@ -187,24 +193,39 @@ def _read_yaml_numbers(data: Any) -> Any:
     return data
 
 
+def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One YAML file with its ``base:`` chain merged underneath (``chain``: the files that named it, in order)."""
+    named_by = f" (base of '{chain[-1]}')" if chain else ""
+    if not path.is_file():
+        hint = (
+            "fix the base: path, relative to that file"
+            if chain
+            else "pass --config PATH to an existing YAML file"
+        )
+        raise ConfigError(f"config file '{path}'{named_by} does not exist ({hint})")
+    if path.resolve() in {p.resolve() for p in chain}:
+        loop = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"config file '{path}'{named_by} comes back in its own base chain: {loop}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(loaded).__name__}")
+    data = _read_yaml_numbers(loaded)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file '{path}': '{BASE_KEY}' must be a YAML file path, got {base!r}")
+    # Relative to the file that names it, so a config works from any working directory.
+    return _deep_merge(_read_config_file(path.parent / base, (*chain, path)), data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults <- YAML file <- ``key=value`` overrides, checked against ``cls``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file '{path}' does not exist (pass --config PATH to an existing YAML file)"
-            )
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file '{path}' must hold a mapping of keys, not {type(loaded).__name__}"
-            )
-        data = _read_yaml_numbers(loaded)
+    """Defaults <- base files (``base:``, deepest first) <- YAML file <- ``key=value`` overrides, checked
+    against ``cls``."""
+    data = _read_config_file(Path(path)) if path is not None else {}
     data = _deep_merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
 

@@ -43,9 +43,9 @@ class StoreConfig:
 
     retries: int = 4  # extra attempts after the first, for transient errors only
     backoff_s: float = 0.25  # first wait; doubles each attempt
-    backoff_max_s: float = 8.0
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
+    backoff_max_s: float = 8.0  # longest wait between retries
+    connect_timeout_s: float = 5.0  # object-store connect timeout
+    read_timeout_s: float = 60.0  # object-store read timeout
     block_size: int = 16 * 2**20  # s3fs read/write block: 16 MiB read ahead streams ~20% faster than 8
 
     def validate(self) -> None:

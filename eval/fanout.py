@@ -54,16 +54,14 @@ class EvalTimeout(RuntimeError):
 
 @dataclass
 class RayConfig:
-    address: str = (
-        "local"  # local (in-process cluster) | auto | ray://host:port | http://host:8265 (submit a job)
-    )
+    address: str = "local"  # local (in-process cluster), auto, ray://host:port or http://host:8265 (a job)
     local_cpus: int = 2  # CPUs of the in-process cluster
     object_store_memory: int = 300_000_000  # bytes, in-process cluster only (Ray's default takes 30% of RAM)
-    cpus_per_task: float = 0.5
+    cpus_per_task: float = 0.5  # CPU request of each task
     gpus_per_task: float = -1.0  # -1: 1 when the cluster has GPUs, else 0
-    probe_gpus: float = 0.0
-    max_retries: int = 2
-    task_timeout_s: float = 900.0
+    probe_gpus: float = 0.0  # GPUs requested by probe tasks
+    max_retries: int = 2  # retries of a failed task
+    task_timeout_s: float = 900.0  # seconds without any task finishing before a timeout error
 
     def validate(self) -> None:
         if self.cpus_per_task <= 0:
@@ -78,11 +76,13 @@ class RayConfig:
 
 @dataclass
 class EvalConfig:
-    checkpoints: list[str] = field(default_factory=list)
-    data: list[str] = field(default_factory=list)
-    tasks: list[str] = field(default_factory=lambda: ["expression", "va", "identity"])
-    out: str = "runs/eval"
-    seeds: int = 3
+    checkpoints: list[str] = field(default_factory=list)  # backbone.pt paths (--checkpoint)
+    data: list[str] = field(default_factory=list)  # frames dataset URLs (--data)
+    tasks: list[str] = field(  # any of expression, va, identity, finetune (--tasks)
+        default_factory=lambda: ["expression", "va", "identity"]
+    )
+    out: str = "runs/eval"  # output folder (--out)
+    seeds: int = 3  # probe seeds per cell (--seeds)
     test_fraction: float = 0.3  # share of identities held out for the expression / V/A test sets
     max_samples: int | None = None  # per dataset, for smoke runs
     pushgateway: str = ""  # http://host:9091: push progress and metric means (eval/pushgateway.py)

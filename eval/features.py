@@ -27,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class FeatureConfig:
     resize: int = 128  # shorter side before the crop (the stored face size)
     crop: int = 112  # the pretraining crop
-    batch_size: int = 256
+    batch_size: int = 256  # images per forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     match_run: bool = True  # use augment.resize/crop of the run's config.yaml beside backbone.pt when present
 

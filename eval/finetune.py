@@ -26,16 +26,16 @@ from eval.features import decode_batch, normalise, resolve_device
 
 @dataclass
 class FinetuneConfig:
-    head_dims: list[int] = field(default_factory=lambda: [2048, 1024, 512])
-    dropout: float = 0.5
-    lr: float = 1e-4
-    weight_decay: float = 5e-4
-    batch_size: int = 64
-    epochs: int = 20
-    resize: int = 128
-    crop: int = 112
-    val_fraction: float = 0.1
-    device: str = "auto"
+    head_dims: list[int] = field(default_factory=lambda: [2048, 1024, 512])  # MLP head hidden sizes
+    dropout: float = 0.5  # head dropout
+    lr: float = 1e-4  # Adam learning rate
+    weight_decay: float = 5e-4  # Adam weight decay
+    batch_size: int = 64  # images per step
+    epochs: int = 20  # epochs; the best validation epoch is kept
+    resize: int = 128  # shorter side before the crop
+    crop: int = 112  # centre crop size
+    val_fraction: float = 0.1  # share of training data carved out for validation
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
 
     def validate(self) -> None:
         if self.epochs < 1:

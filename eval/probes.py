@@ -21,12 +21,16 @@ from eval.data import carve_validation
 
 @dataclass
 class ProbeConfig:
-    weight_decays: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
-    lbfgs_max_iter: int = 200
-    knn_k: int = 10
-    ridge_alphas: list[float] = field(default_factory=lambda: [1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0])
-    val_fraction: float = 0.2
-    verification_pairs: int = 2000
+    weight_decays: list[float] = field(  # linear-probe weight decays tried; the best on validation is kept
+        default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    )
+    lbfgs_max_iter: int = 200  # L-BFGS iterations of the linear probe
+    knn_k: int = 10  # neighbours of the cosine k-NN probe
+    ridge_alphas: list[float] = field(  # ridge penalties tried for V/A; the best on validation is kept
+        default_factory=lambda: [1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
+    )
+    val_fraction: float = 0.2  # identities carved from train for model selection
+    verification_pairs: int = 2000  # same/different pairs for verification AUC/EER
 
     def validate(self) -> None:
         if not self.weight_decays or any(w < 0 for w in self.weight_decays):

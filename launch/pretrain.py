@@ -22,11 +22,36 @@ from common.configio import load_config  # noqa: E402
 from common.errors import ConfigError, UserError  # noqa: E402
 
 
+class _HelpWithKeys(argparse.Action):
+    """``--help``: usage, then every config key with its type, default and meaning.
+
+    The key list is built only when asked for: it imports the config sections (torch among them)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from common.config_doc import keys_help
+        from pretrain.config import PretrainConfig
+
+        parser.epilog = (
+            "config keys (YAML file or key=value; key (type, default) then meaning):\n"
+            + keys_help(PretrainConfig)
+        )
+        parser.print_help()
+        parser.exit()
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False
     )
-    parser.add_argument("--config", help="YAML file (launch/configs/*.yaml)")
+    parser.add_argument(
+        "-h", "--help", action=_HelpWithKeys, help="show this help and every config key, then exit"
+    )
+    parser.add_argument(
+        "--config", help="YAML file (launch/configs/*.yaml); may name a base file with base: FILE"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_clips=16")
     args = parser.parse_args(argv)
@@ -54,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from pretrain.engine import run
-    from pretrain.faults import NonFiniteLossError, redact
+    from common.redact import redact
+    from pretrain.engine import NonFiniteLossError, run
 
     try:
         status = run(cfg)

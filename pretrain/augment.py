@@ -14,7 +14,7 @@ One call augments a whole batch: every per-sample random parameter is drawn as a
 5. grayscale (ITU-R 601 luma, as torchvision);
 6. ImageNet normalisation, optionally channels_last.
 
-The DALI pipeline (``pretrain/dali_pipeline.py``) reuses :func:`ellipse_masks` and the same configuration.
+The DALI pipeline (``pretrain/pipelines/dali_graph.py``) reuses :func:`ellipse_masks` and the same configuration.
 """
 
 from __future__ import annotations
@@ -46,24 +46,22 @@ Family = Literal["first", "second"]
 
 @dataclass
 class AugmentConfig:
-    resize: int = 128
-    crop: int = 112
-    flip_p: float = 0.5
+    resize: int = 128  # frames are resized to this before the random crop
+    crop: int = 112  # random crop size fed to the model
+    flip_p: float = 0.5  # horizontal flip probability
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.2)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
+    jitter_p: float = 0.8  # colour jitter probability (of the positives, see jitter_always_first_family)
     # The paper's code jitters the anchors (A, NA: family "first") always and the positives with jitter_p.
-    jitter_always_first_family: bool = True
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    gray_p: float = 0.2
-    mask_p: float = 0.8
+    jitter_always_first_family: bool = True  # A/NA are always jittered, as in the paper's first transform
+    blur_p: float = 0.5  # Gaussian blur probability
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # blur sigma range (pixels)
+    gray_p: float = 0.2  # grayscale probability
+    mask_p: float = 0.8  # landmark mask probability: an ellipse over an eye or the mouth, mean-filled
     mask_scale: float = 1.6  # ellipse semi-axes = scale x half the extent of the region's landmarks
-    mask_min_aspect: float = (
-        0.6  # eyes are thin: the vertical semi-axis is at least this x the horizontal one
-    )
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    channels_last: bool = False
+    mask_min_aspect: float = 0.6  # vertical semi-axis >= this x the horizontal one (eyes are thin)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation mean (ImageNet)
+    std: tuple[float, float, float] = IMAGENET_STD  # normalisation std (ImageNet)
+    channels_last: bool = False  # produce views in channels_last (must match model.channels_last)
 
     def validate(self) -> None:
 

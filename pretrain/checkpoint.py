@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from pretrain import distributed, faults
+from common.redact import redact
+from pretrain import distributed, fault_injection
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,10 @@ class Checkpointer:
                 str(self.dir), tag=partial_tag, client_state={"step": step, "epoch": epoch}, save_latest=False
             )
             torch.save({**rank_state, "rng": rng_state()}, partial / f"rank-{rank:05d}.pt")
-            faults.maybe_fail_checkpoint_write(step)  # test-only hook: SSLFER_INJECT_CKPT_FAIL_AT_STEP
+            fault_injection.maybe_fail_checkpoint_write(step)  # fault suite only (SSLFER_INJECT_*)
         except OSError as err:  # disk full, quota, I/O error: never publish a half-written checkpoint
             error = err
-        if _any_rank(error is not None):
+        if distributed.any_rank(error is not None):
             if distributed.is_main():
                 shutil.rmtree(partial, ignore_errors=True)
             distributed.barrier()
@@ -166,7 +167,7 @@ class Checkpointer:
                 except Exception as err:
                     raise CheckpointError(
                         f"checkpoint {tag} is saved in {self.dir} but mirroring it to {self.mirror_url} failed "
-                        f"after retries: {faults.redact(str(err))}. The mirror's '{LATEST}' still names the "
+                        f"after retries: {redact(str(err))}. The mirror's '{LATEST}' still names the "
                         "previous mirrored checkpoint; fix the store and rerun with resume=auto"
                     ) from err
         distributed.barrier()
@@ -227,15 +228,6 @@ class Checkpointer:
         set_rng_state(state.pop("rng"))
         state.update(step=int(client["step"]), epoch=int(client["epoch"]), meta=meta)
         return state
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (collective)."""
-    device = (
-        "cuda" if distributed.is_initialized() and str(torch.distributed.get_backend()) == "nccl" else "cpu"
-    )
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(distributed.all_reduce_mean(value).item() > 0)
 
 
 def _write_atomic(path: Path, text: str) -> None:

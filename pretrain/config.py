@@ -21,6 +21,8 @@ from pretrain.model import ModelConfig
 from pretrain.sampling import SamplingConfig
 from pretrain.stream import StreamConfig
 
+Pipeline = Literal["torch", "dali", "torchvision"]
+
 
 @dataclass
 class DataConfig(StreamConfig):
@@ -36,7 +38,7 @@ class DataConfig(StreamConfig):
     image_size: int = 128  # frames are resized to this on decode if the shards hold another size
     # torch: batched torch decode+augment; dali: DALI decode/augment stages around torch FaceSwap;
     # torchvision: per-sample PIL + torchvision transforms in a DataLoader (baseline, fallback)
-    pipeline: Literal["torch", "dali", "torchvision"] = "torch"
+    pipeline: Pipeline = "torch"  # torch: batched ops; dali: DALI decode+augment; torchvision: DataLoader
     shapes: Literal["auto", "static", "dynamic"] = "auto"  # device work: static = no host syncs (auto: CUDA)
     finish_in: Literal["auto", "workers", "trainer"] = "auto"  # device work: auto = CPU workers, GPU trainer
 
@@ -53,57 +55,18 @@ class DataConfig(StreamConfig):
             raise ConfigError("config key 'data.num_workers' must be >= 0 and 'data.prefetch' >= 1")
         if self.image_size < 16:
             raise ConfigError(f"config key 'data.image_size': must be >= 16, got {self.image_size}")
-        if self.finish_in not in ("auto", "workers", "trainer"):
-            raise ConfigError(
-                f"config key 'data.finish_in': must be auto, workers or trainer, got {self.finish_in!r}"
-            )
-        if self.shapes not in ("auto", "static", "dynamic"):
-            raise ConfigError(
-                f"config key 'data.shapes': must be auto, static or dynamic, got {self.shapes!r}"
-            )
-        if self.pipeline not in ("torch", "dali", "torchvision"):
-            raise ConfigError(
-                f"config key 'data.pipeline': must be torch, dali or torchvision, got {self.pipeline!r}"
-            )
-
-
-@dataclass
-class FaceSwapSection(FaceSwapConfig):
-    """``pretrain.faceswap.FaceSwapConfig`` plus the on/off switch of the training program."""
-
-    enabled: bool = True  # FaceSwap on positives (P, NP) with probability faceswap.p
-    # Where donors come from. batch: other rows of the same batch - every donor is then also a negative of the
-    # anchor, so the swapped positive shares its hair/background/face shape with a negative; bank: a fixed
-    # bank of frames read from the dataset when the pipeline starts (donors drawn per batch, seeded).
-    donors: str = "batch"  # batch: other rows of the batch; bank: fixed dataset frames (pretrain/donors.py)
-    donor_bank_frames: int = 256  # donor bank size (donors=bank): one frame per clip, manifest order
-    p_warmup_steps: int = 0  # ramp faceswap.p linearly from 0 over this many batches (0: p from the start)
-
-    def validate(self) -> None:
-
-        super().validate()
-        if self.donors not in ("batch", "bank"):
-            raise ConfigError(f"config key 'faceswap.donors': must be batch or bank, got {self.donors!r}")
-        if self.p_warmup_steps < 0:
-            raise ConfigError(
-                f"config key 'faceswap.p_warmup_steps': must be >= 0, got {self.p_warmup_steps}"
-            )
-        if self.donor_bank_frames < 2:
-            raise ConfigError(
-                f"config key 'faceswap.donor_bank_frames': need >= 2 frames, got {self.donor_bank_frames}"
-            )
 
 
 @dataclass
 class OptimConfig:
     lr: float = 3e-4  # peak learning rate (paper: Adam 3e-4)
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    weight_decay: float = 1e-4  # L2 weight decay (AdamW-style when decoupled_weight_decay)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas
+    eps: float = 1e-8  # Adam epsilon
     decoupled_weight_decay: bool = False  # false: Adam with L2 decay (the paper); true: AdamW
     warmup_steps: int = 0  # linear warmup from 0 to lr
     schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine to min_lr_ratio*lr, or flat
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: float = 0.0  # global gradient-norm clip; 0 disables
 
     def validate(self) -> None:
@@ -133,27 +96,25 @@ class CheckpointConfig:
 @dataclass
 class PretrainConfig:
     run_dir: str = "runs/pretrain"  # config.yaml, metrics.jsonl, checkpoints/, backbone.pt go here
-    seed: int = 0
+    seed: int = 0  # seeds weights, frame choice and augmentation (with epoch, rank and batch index)
     epochs: int = 100  # passes over the dataset; ignored when max_steps is set
     max_steps: int | None = None  # total optimiser steps (sets the LR schedule length); null: from epochs
     stop_at_step: int | None = None  # end this invocation after this step with a checkpoint (job time limits)
     resume: str = "auto"  # auto: latest checkpoint in run_dir if any; never; or a checkpoint folder path
     log_every: int = 10  # steps between metrics.jsonl lines and progress updates
     checkpoint_every: int = 1000  # steps between checkpoints (0: only at the end and on signals)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    zero_stage: Literal[0, 1, 2] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on GPU; fp32: exact (the CPU setting)
+    zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed ZeRO: 0 data parallel; 1 shards optimizer states; 2 + grads
     freeze_bn_stats: bool = False  # BatchNorm in eval mode (running stats): no coupling between batch rows
     # Seconds a collective may wait for a peer (process-group timeout): a rank that died or hangs ends the
     # others with an error after this long instead of a hang. Also bounds a checkpoint save's barriers.
-    dist_timeout_s: float = 600.0
-    nan_policy: Literal["skip", "stop"] = (
-        "stop"  # NaN/inf loss: skip the step (counted) or stop with an error
-    )
+    dist_timeout_s: float = 600.0  # collective timeout: ranks exit instead of hanging when a peer dies
+    nan_policy: Literal["skip", "stop"] = "stop"  # non-finite loss: skip the step (counted) or stop
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    faceswap: FaceSwapSection = field(default_factory=FaceSwapSection)
+    faceswap: FaceSwapConfig = field(default_factory=FaceSwapConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     descriptors: DescriptorConfig = field(default_factory=DescriptorConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -175,11 +136,9 @@ class PretrainConfig:
             raise ConfigError(f"config key 'stop_at_step': must be >= 1 or null, got {self.stop_at_step}")
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"config key 'dist_timeout_s': must be > 0 seconds, got {self.dist_timeout_s}")
-        if self.nan_policy not in ("skip", "stop"):
-            raise ConfigError(f"config key 'nan_policy': must be skip or stop, got {self.nan_policy!r}")
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise ConfigError("config keys 'log_every' must be >= 1 and 'checkpoint_every' >= 0")
-        if self.resume not in ("auto", "never") and not self.resume:
+        if not self.resume:
             raise ConfigError("config key 'resume': auto, never, or a checkpoint folder path")
         if self.optim.warmup_steps and self.max_steps and self.optim.warmup_steps >= self.max_steps:
             raise ConfigError(
@@ -192,17 +151,18 @@ class PretrainConfig:
                 "(views are produced in the memory format the model runs in)"
             )
 
-    @property
-    def layout(self) -> str:
-        """'quadruple' = [A, NA, P, NP] (hard negatives on), 'pair' = [A, P]."""
-        return "quadruple" if getattr(self.sampling, "hard_negatives", False) else "pair"
 
+def resolve_global_batch(cfg: PretrainConfig, world_size: int) -> PretrainConfig:
+    """A copy of ``cfg`` whose ``data.batch_clips`` is this rank's share of ``data.global_batch_clips``.
 
-def resolve_global_batch(cfg: PretrainConfig, world_size: int) -> None:
-    """``data.global_batch_clips`` -> ``data.batch_clips`` per rank; it must divide evenly by the world size."""
+    The share must divide evenly by the world size. ``cfg`` is not modified; without ``global_batch_clips``
+    it is returned as is.
+    """
+    from dataclasses import replace
+
     total = cfg.data.global_batch_clips
     if total is None:
-        return
+        return cfg
     if total % world_size:
         lower, upper = total // world_size * world_size, -(-total // world_size) * world_size
         raise ConfigError(
@@ -214,4 +174,4 @@ def resolve_global_batch(cfg: PretrainConfig, world_size: int) -> None:
             f"config key 'data.global_batch_clips': {total} clips over {world_size} ranks leaves fewer than 2 "
             "clips per rank (FaceSwap and negatives need other clips)"
         )
-    cfg.data.batch_clips = total // world_size
+    return replace(cfg, data=replace(cfg.data, batch_clips=total // world_size))

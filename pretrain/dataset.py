@@ -65,7 +65,9 @@ def open_dataset(
 ) -> Dataset:
     """Check that ``url`` can be read (a clear StoreError otherwise), read its manifest once, list its shards."""
     if not url:
-        raise ConfigError("config key 'data.url' is empty: give the dataset folder or s3:// prefix that holds manifest.json")
+        raise ConfigError(
+            "config key 'data.url' is empty: give the dataset folder or s3:// prefix that holds manifest.json"
+        )
     if check_access:  # wrong credentials / endpoint / path: one clear error before anything else
         store.check_access(expand_url(url)[0])
     if "{" in url:

@@ -51,14 +51,12 @@ class DescriptorError(UserError, RuntimeError):
 
 @dataclass
 class DescriptorConfig:
-    kind: Literal["landmarks", "cnn"] = "landmarks"
+    kind: Literal["landmarks", "cnn"] = "landmarks"  # MaskFN mouth-eye descriptor: geometry or frozen CNN
     weights_path: str | None = None  # torchvision resnet18 state_dict, for kind=cnn
     crop_size: int = 64  # side of the eye and mouth crops fed to the CNN
 
     def validate(self) -> None:
 
-        if self.kind not in ("landmarks", "cnn"):
-            raise ConfigError(f"config key 'descriptors.kind': must be landmarks or cnn, got {self.kind!r}")
         if self.kind == "cnn" and (not self.weights_path or not Path(self.weights_path).is_file()):
             raise ConfigError(
                 f"config key 'descriptors.weights_path': kind=cnn needs a torchvision resnet18 state_dict file, "

@@ -1,7 +1,9 @@
 """Rank/world helpers and collectives: the only module of ``pretrain`` that asks which process it is.
 
-Everything works without an initialised process group (a plain single-process run): the rank is 0, the world
-size 1 and every collective is the identity. :func:`init_distributed` reads the environment written by
+Every collective of the project lives here, so the rest reads as plain code: agreement on a flag
+(:func:`any_rank`, :func:`all_ranks`), gathers, reductions and broadcasts. Everything works without an
+initialised process group (a plain single-process run): the rank is 0, the world size 1 and every collective is
+the identity. :func:`init_distributed` reads the environment written by
 ``torchrun`` or the ``deepspeed`` launcher (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``; Open MPI's ``OMPI_COMM_WORLD_*`` as a fallback).
 
@@ -17,6 +19,7 @@ import atexit
 import datetime
 import glob
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -107,6 +110,22 @@ def init_distributed(backend: Backend = "auto", timeout_s: float = 1800.0) -> Di
         # run ("terminate called without an active exception", exit 250): tear the group down first.
         atexit.register(_destroy_at_exit)
     return DistInfo(rank, world_size, local_rank, backend)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """Launcher variables of a one-rank world, for a plain ``python`` start that still needs a process group
+    (DeepSpeed insists on one): rank 0 of 1 on a free loopback port, unless the environment names one."""
+    os.environ.update(RANK="0", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"), WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
 
 
 def _destroy_at_exit() -> None:
@@ -200,3 +219,37 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj if get_rank() == src else None]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def _flag_device() -> torch.device:
+    # nccl reduces device tensors only (on the rank's current device); gloo takes CPU ones.
+    if str(dist.get_backend()) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one rank (collective: every rank must call it).
+
+    Ranks that must take the same branch (stop, skip a step, abandon a checkpoint) agree through it; a branch
+    taken by some ranks only would leave the others waiting in the next collective until the timeout.
+    """
+    if get_world_size() == 1:
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=_flag_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def all_ranks(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on every rank (collective: every rank must call it)."""
+    return not any_rank(not flag)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (collective)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -1,9 +1,11 @@
 """The training program: a :class:`Trainer` that runs the contrastive objective under DeepSpeed.
 
-Named steps, in order: :meth:`Trainer.init_distributed`, :meth:`Trainer.build_data`,
-:meth:`Trainer.build_model` (``deepspeed.initialize``), :meth:`Trainer.maybe_resume`, then :meth:`Trainer.train`
-(the loop) calling :meth:`Trainer.train_step` per batch. The model and the loss are plain modules; DeepSpeed
-appears only here (engine, optimiser, checkpoints) and in ``pretrain/ds_config.py``.
+Named steps, in order: the preflight checks with this rank's dataset opened once (``pretrain/preflight.py``),
+:meth:`Trainer.init_distributed`, :meth:`Trainer.build_data`, :meth:`Trainer.build_model`
+(``deepspeed.initialize``), :meth:`Trainer.maybe_resume`, then :meth:`Trainer.train` (the loop) calling
+:meth:`Trainer.next_step` -> :meth:`Trainer.train_step` per batch. The model and the loss are plain modules;
+DeepSpeed appears only here (engine, optimiser, checkpoints) and in ``pretrain/ds_config.py``; collectives only in
+``pretrain/distributed.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import json
 import logging
 import os
 import resource
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +22,23 @@ import torch
 from torch import nn
 
 from common.configio import save_config
-from pretrain import distributed, faults
-from pretrain.batches import Batch, make_batch_pipeline
+from pretrain import distributed, fault_injection, preflight
 from pretrain.checkpoint import Checkpointer, StopSignal
 from pretrain.config import PretrainConfig, resolve_global_batch
+from pretrain.dataset import open_dataset
 from pretrain.ds_config import build_ds_config, lr_scheduler_factory
 from pretrain.loss import DistributedInfoNCE, LossOutput
 from pretrain.model import ContrastiveEncoder, save_backbone
+from pretrain.pipelines import Batch, make_batch_pipeline
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf and ``nan_policy`` is ``stop``; the message names the step and the fix.
+
+    A training fault, not a setting the user got wrong: it is no :class:`common.errors.UserError`.
+    """
 
 
 @dataclass
@@ -48,9 +57,12 @@ class Trainer:
         self.epoch = 0
         self.resumed_from: Path | None = None
         self.nonfinite_skipped = 0  # steps skipped for a NaN/inf loss (nan_policy=skip)
-        faults.preflight(cfg)  # credentials, store retry policy, config vs manifest: before any rank waits
+        # Credentials, store retry policy, config vs manifest: before any rank waits for the others.
+        preflight.configure_store(cfg)
+        self.dataset = open_dataset(cfg.data.url)  # once per rank: access checked, manifest read
+        preflight.check(cfg, self.dataset)
         self.init_distributed()
-        resolve_global_batch(cfg, self.world_size)  # data.global_batch_clips -> clips per rank
+        self.cfg = resolve_global_batch(cfg, self.world_size)  # data.global_batch_clips -> clips per rank
         self.build_data()
         self.build_model()
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.mirror_url)
@@ -71,7 +83,7 @@ class Trainer:
             # one-rank group on a free loopback port.
             import deepspeed
 
-            _single_process_env()
+            distributed.single_process_env()
             deepspeed.init_distributed("nccl" if want_cuda else "gloo", auto_mpi_discovery=False)
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self.device = torch.device("cuda", distributed.get_local_rank()) if want_cuda else torch.device("cpu")
@@ -83,7 +95,9 @@ class Trainer:
 
     def build_data(self) -> None:
         # data.pipeline picks torch | dali | torchvision; all yield the same Batch through one interface.
-        self.batches = make_batch_pipeline(self.cfg, self.rank, self.world_size, self.device)
+        self.batches = make_batch_pipeline(
+            self.cfg, self.rank, self.world_size, self.device, dataset=self.dataset
+        )
         self.total_steps = self.cfg.max_steps or self.batches.total_steps(self.cfg.epochs)
 
     def build_model(self) -> None:
@@ -141,25 +155,21 @@ class Trainer:
     def train_step(self, batch: Batch) -> StepResult:
         lr = self.current_lr()  # engine.step() advances the schedule: read the LR this step uses first
         out = self.forward_loss(batch)
-        if faults.before_step(self.step + 1):  # test-only hooks (SSLFER_INJECT_*): NaN loss, slow steps
+        if fault_injection.before_step(self.step + 1):  # fault suite only: NaN loss, slow steps
             out.loss = out.loss * float("nan")
-        if not self._all_finite(out.loss):
+        # Every rank takes the same branch, or the ranks that step would wait for the others in the all-reduce.
+        if not distributed.all_ranks(bool(torch.isfinite(out.loss.detach()).all())):
             return self._nonfinite_step(out, batch, lr)
         self.engine.backward(out.loss)
         self.engine.step()  # averages gradients over ranks, clips, Adam, LR schedule
         return StepResult(out.loss.detach(), out, batch.images.shape[0], lr)
-
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """True when the loss is finite on every rank (all ranks take the same branch: no hang)."""
-        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])
-        return bool(distributed.all_reduce_mean(bad.to(self._flag_device)).item() == 0)
 
     def _nonfinite_step(self, out: LossOutput, batch: Batch, lr: float) -> StepResult:
         """NaN/inf loss on some rank: skip the step (no backward, no optimiser step) or stop, per nan_policy."""
         where = f"step {self.step + 1} (epoch {batch.epoch}, batch {batch.index})"
         if self.cfg.nan_policy == "stop":
             latest = self.checkpointer.latest()
-            raise faults.NonFiniteLossError(
+            raise NonFiniteLossError(
                 f"non-finite loss ({out.loss.item()}) at {where}: stopping (nan_policy=stop). The last good "
                 f"checkpoint is {latest or 'none (no checkpoint was written yet)'}; lower optim.lr or set "
                 "optim.grad_clip, or set nan_policy=skip, then rerun with resume=auto"
@@ -189,12 +199,7 @@ class Trainer:
 
     def _should_stop(self, stop: StopSignal | None) -> bool:
         # One rank may get the signal first (the deepspeed launcher terminates ranks one by one): agree.
-        flag = torch.tensor([1.0 if stop is not None and stop.received is not None else 0.0])
-        return bool(distributed.all_reduce_mean(flag.to(self._flag_device)).item() > 0)
-
-    @property
-    def _flag_device(self) -> torch.device:
-        return self.device  # nccl needs device tensors; gloo takes CPU ones
+        return distributed.any_rank(stop is not None and stop.received is not None)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> str:
@@ -214,25 +219,7 @@ class Trainer:
         batches = iter(self.batches)
         try:
             while self.step < last:
-                t0 = time.perf_counter()
-                batch = next(batches)
-                t_data = time.perf_counter() - t0
-                result = self.train_step(batch)
-                self.step += 1
-                self.epoch = batch.epoch
-                if self.device.type == "cuda" and self.step % cfg.log_every == 0:
-                    torch.cuda.synchronize(self.device)
-                step_s = time.perf_counter() - t0
-                window.add(step_s, t_data, batch.wait_s, result.images, batch.clips)
-                if self.metrics is not None:  # host-side numbers only: no device sync per step
-                    self.metrics.observe_step(
-                        step_seconds=step_s,
-                        data_wait_seconds=batch.wait_s,
-                        allgather_seconds=result.out.gather_seconds,
-                        clips=batch.clips,
-                        images=result.images,
-                        lr=result.lr,
-                    )
+                result = self.next_step(batches, window)
                 stopping = self._should_stop(stop)
                 if self.step % cfg.log_every == 0 or self.step == last or stopping:
                     self._log_step(result, window, metrics_file, progress)
@@ -245,11 +232,7 @@ class Trainer:
                     saved_at = self.step
             if status == "finished" and self.step < self.total_steps:
                 status = "stopped"
-            if saved_at != self.step:
-                self.save_checkpoint()
-            if status != "signal" and main:
-                save_backbone(self.engine.module.backbone, self.run_dir / "backbone.pt")
-            distributed.barrier()
+            self._finish(status, saved_at)
         finally:
             if stop is not None:
                 stop.uninstall()
@@ -265,6 +248,37 @@ class Trainer:
                 "training %s at step %d/%d; run dir %s", status, self.step, self.total_steps, self.run_dir
             )
         return status
+
+    def next_step(self, batches, window: _Window) -> StepResult:
+        """One optimiser step of the loop: fetch the next batch, train on it, count it."""
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t_data = time.perf_counter() - t0
+        result = self.train_step(batch)
+        self.step += 1
+        self.epoch = batch.epoch
+        if self.device.type == "cuda" and self.step % self.cfg.log_every == 0:
+            torch.cuda.synchronize(self.device)  # logging steps only: the step time then includes the device
+        step_s = time.perf_counter() - t0
+        window.add(step_s, t_data, batch.wait_s, result.images, batch.clips)
+        if self.metrics is not None:  # host-side numbers only: no device sync per step
+            self.metrics.observe_step(
+                step_seconds=step_s,
+                data_wait_seconds=batch.wait_s,
+                allgather_seconds=result.out.gather_seconds,
+                clips=batch.clips,
+                images=result.images,
+                lr=result.lr,
+            )
+        return result
+
+    def _finish(self, status: str, saved_at: int) -> None:
+        """The last checkpoint (unless this step has one) and, for a run not cut by a signal, the backbone."""
+        if saved_at != self.step:
+            self.save_checkpoint()
+        if status != "signal" and distributed.is_main():
+            save_backbone(self.engine.module.backbone, self.run_dir / "backbone.pt")
+        distributed.barrier()
 
     def _start_metrics(self) -> None:
         if not self.cfg.metrics.enabled:
@@ -298,7 +312,7 @@ class Trainer:
                 out.negatives_per_row.float(),
                 (out.pick_same_group_rate if out.pick_same_group_rate is not None else out.l2 * 0).float(),
             ]
-        ).to(self._flag_device)
+        ).to(self.device)  # nccl reduces device tensors only
         loss, l1, l2, top1, negs, same = distributed.all_reduce_mean(stats).tolist()
         # Wall clock since the previous line: the stop-flag all-reduce, logging and checkpoints between steps
         # count too (summed step times alone overstated throughput by ~15% on 2 CPU ranks).
@@ -395,15 +409,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, path)
-
-
-def _single_process_env() -> None:
-    os.environ.update(RANK="0", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"), WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 def run(cfg: PretrainConfig) -> str:

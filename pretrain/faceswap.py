@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -44,13 +45,24 @@ RIGHT_EYE, LEFT_EYE = tuple(range(36, 42)), tuple(range(42, 48))
 
 @dataclass
 class FaceSwapConfig:
-    p: float = 0.8
+    """The ``faceswap.*`` section: the swap itself and how the training program schedules and feeds it."""
+
+    p: float = 0.8  # probability that a positive's inner face is swapped onto a donor of another identity
     blur_fraction: float = 0.6  # colour-correction blur width / inter-ocular distance
     feather_fraction: float = 0.08  # width of the mask's soft edge / inter-ocular distance
-    color_stride: int = 2  # colour-correction ratio on a grid of this stride, upsampled; 1 = full-res recipe
+    color_stride: Literal[1, 2] = 2  # colour-correction ratio on a grid this coarse, upsampled; 1: full-res
+    enabled: bool = True  # FaceSwap on positives (P, NP) with probability faceswap.p
+    # batch: every donor is then also a negative of the anchor, so the swapped positive shares its
+    # hair/background/face shape with a negative; bank: frames read once when the pipeline starts, drawn per
+    # batch (seeded), so donors are independent of the batch's negatives.
+    donors: Literal["batch", "bank"] = "batch"  # batch: other rows of the batch; bank: fixed dataset frames
+    donor_bank_frames: int = 256  # donor bank size (donors=bank): one frame per clip, manifest order
+    # A curriculum: FaceSwap from scratch can collapse training (docs/results/FINDINGS.md); learning from the
+    # other strategies first and then ramping FaceSwap in trains (docs/results/ablation.md).
+    start_step: int = 0  # no FaceSwap before this batch of the run; the p_warmup_steps ramp starts here
+    p_warmup_steps: int = 0  # ramp faceswap.p linearly from 0 over this many batches (0: p from the start)
 
     def validate(self) -> None:
-
         if not 0.0 <= self.p <= 1.0:
             raise ConfigError(f"config key 'faceswap.p': a probability in [0, 1] is needed, got {self.p}")
         if self.blur_fraction <= 0:
@@ -59,8 +71,25 @@ class FaceSwapConfig:
             raise ConfigError(
                 f"config key 'faceswap.feather_fraction': must be >= 0, got {self.feather_fraction}"
             )
-        if self.color_stride not in (1, 2):
-            raise ConfigError(f"config key 'faceswap.color_stride': must be 1 or 2, got {self.color_stride}")
+        if self.p_warmup_steps < 0 or self.start_step < 0:
+            raise ConfigError(
+                "config keys 'faceswap.p_warmup_steps' and 'faceswap.start_step' must be >= 0, got "
+                f"{self.p_warmup_steps} and {self.start_step}"
+            )
+        if self.donor_bank_frames < 2:
+            raise ConfigError(
+                f"config key 'faceswap.donor_bank_frames': need >= 2 frames, got {self.donor_bank_frames}"
+            )
+
+    def probability_at(self, step: int) -> float:
+        """FaceSwap probability of the ``step``-th batch of the run (0-based): 0 before ``start_step``, then ``p``
+        ramped up linearly from 0 over ``p_warmup_steps``. A function of the batch position only, so a resumed
+        run gets the same values."""
+        if not self.enabled or step < self.start_step:
+            return 0.0
+        if self.p_warmup_steps <= 0:
+            return self.p
+        return self.p * min(1.0, (step - self.start_step) / self.p_warmup_steps)
 
 
 @dataclass

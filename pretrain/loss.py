@@ -33,7 +33,7 @@ FnMode = Literal["none", "pick", "threshold"]
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.07
+    temperature: float = 0.07  # InfoNCE temperature tau
     fn_mode: FnMode = "pick"  # MaskFN variant; used only when descriptors are passed
     fn_lambda: float = 0.8  # weight of L2 (the picked false negative treated as a positive)
     fn_threshold: float = 0.5  # descriptor cosine above which a negative is dropped (threshold mode)
@@ -43,10 +43,6 @@ class LossConfig:
 
         if not self.temperature > 0:
             raise ConfigError(f"config key 'loss.temperature': must be > 0, got {self.temperature}")
-        if self.fn_mode not in ("none", "pick", "threshold"):
-            raise ConfigError(
-                f"config key 'loss.fn_mode': must be none, pick or threshold, got {self.fn_mode!r}"
-            )
         if self.fn_lambda < 0:
             raise ConfigError(f"config key 'loss.fn_lambda': must be >= 0, got {self.fn_lambda}")
         if not -1.0 <= self.fn_threshold <= 1.0:

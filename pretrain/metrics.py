@@ -29,9 +29,9 @@ STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 @dataclass
 class MetricsConfig:
-    enabled: bool = True
+    enabled: bool = True  # start the per-rank Prometheus exporter
     port_base: int = 9400  # rank r exports on port_base + local_rank; 0 picks free ports (tests)
-    address: str = "127.0.0.1"
+    address: str = "127.0.0.1"  # exporter bind address (loopback unless SSLFER_METRICS_PUBLIC=1)
     file_sd_dir: str = "runs/prometheus_targets"  # the run writes FILE_SD_DIR/RUN.json listing its targets
     run: str = ""  # the `run` label and file-SD name; empty: the last part of run_dir
     linger_s: float = 0.0  # keep exporters up this long after the last step (short runs: last scrape)
@@ -230,13 +230,7 @@ def publish_targets(metrics: TrainMetrics | None, enabled: bool) -> Path | None:
     if not enabled:
         return None
     mine = f"{target_host(metrics.cfg.address)}:{metrics.port}" if metrics and metrics.port else None
-    if distributed.get_world_size() > 1:
-        import torch.distributed as dist
-
-        everyone: list = [None] * distributed.get_world_size()
-        dist.all_gather_object(everyone, mine)
-    else:
-        everyone = [mine]
+    everyone = distributed.all_gather_object(mine)
     if not distributed.is_main() or metrics is None:
         return None
     targets = [t for t in everyone if t]

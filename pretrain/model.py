@@ -25,7 +25,7 @@ ARCH_LAYERS = {
 
 @dataclass
 class ModelConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # torchvision ResNet depth
     width: int = 64  # channels of the stem; 64 is torchvision's ResNet
     projector_dims: list[int] = field(default_factory=lambda: [512, 128])  # hidden..., output
     weights_path: str | None = None  # optional backbone state_dict to start from (no downloads)

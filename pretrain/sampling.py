@@ -41,36 +41,26 @@ def make_rng(seed: int, epoch: int, rank: int, worker: int) -> np.random.Generat
 
 @dataclass
 class SamplingConfig:
-    strategy: Literal["simclr", "timeaug"] = "timeaug"
+    strategy: Literal["simclr", "timeaug"] = "timeaug"  # simclr: 2 views of a frame; timeaug: another frame
     hard_negatives: bool = True  # a second anchor + positive per clip (SSL-FER's 4B layout)
-    # 2..6 frames at 25/6 fps
-    positive_offsets_s: list[float] = field(default_factory=lambda: [0.48, 0.72, 0.96, 1.2, 1.44])
-    # a: uniform; b: increasing with distance (1..L); c: decreasing (L..1), the paper's default
-    weight_mode: Literal["a", "b", "c"] = "c"
-    hard_negative_min_s: float = 2.88  # 12 frames at 25/6 fps
-    short_clip_policy: Literal["clamp", "skip"] = "clamp"
+    positive_offsets_s: list[float] = field(  # TimeAug offsets (s), either direction: 2..6 frames at 25/6 fps
+        default_factory=lambda: [0.48, 0.72, 0.96, 1.2, 1.44]
+    )
+    # weights 1..L over the L offsets: the paper's default c puts most weight on the nearest frames
+    weight_mode: Literal["a", "b", "c"] = "c"  # offset weights: a uniform, b rising, c falling with distance
+    hard_negative_min_s: float = 2.88  # least gap between the two anchors of a clip (12 frames at 25/6 fps)
+    # see the module docstring for what each policy does with each kind of short clip
+    short_clip_policy: Literal["clamp", "skip"] = "clamp"  # too short for offsets/hard negative: keep or drop
 
     def validate(self) -> None:
 
-        if self.strategy not in ("simclr", "timeaug"):
-            raise ConfigError(
-                f"config key 'sampling.strategy': must be simclr or timeaug, got {self.strategy!r}"
-            )
         if not self.positive_offsets_s or any(s <= 0 for s in self.positive_offsets_s):
             raise ConfigError(
                 f"config key 'sampling.positive_offsets_s': positive seconds needed, got {self.positive_offsets_s}"
             )
-        if self.weight_mode not in ("a", "b", "c"):
-            raise ConfigError(
-                f"config key 'sampling.weight_mode': must be a, b or c, got {self.weight_mode!r}"
-            )
         if self.hard_negative_min_s <= 0:
             raise ConfigError(
                 f"config key 'sampling.hard_negative_min_s': must be > 0, got {self.hard_negative_min_s}"
-            )
-        if self.short_clip_policy not in ("clamp", "skip"):
-            raise ConfigError(
-                f"config key 'sampling.short_clip_policy': must be clamp or skip, got {self.short_clip_policy!r}"
             )
 
 

@@ -33,6 +33,9 @@ tracks ``consumed`` itself. Under a ``torch.utils.data.DataLoader`` each worker 
 every sample carries ``__epoch__``, ``__worker__`` and ``__seq__`` (its index in the lane), so the trainer
 can record ``consumed[w] = last __seq__ + 1`` and build the state with :meth:`ClipStream.make_state`. Call
 :meth:`ClipStream.set_epoch` before each epoch, as with a ``DistributedSampler``.
+
+**Input.** The shard list and per-shard counts come from an opened :class:`pretrain.dataset.Dataset`
+(:meth:`ClipStream.from_dataset`): the stream never reads the manifest itself.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import numpy as np
 import torch.utils.data
 
 from common.errors import ConfigError, UserError
+from pretrain.dataset import Dataset
 
 Sample = dict[str, Any]
 ShardReader = Callable[[str], Iterator[Sample]]
@@ -71,7 +75,7 @@ class StreamStateError(StreamError):
 class StreamConfig:
     url: str = ""  # dataset folder or s3:// prefix holding manifest.json, or brace-expanded shard URLs
     shuffle_buffer: int = 256  # samples per worker lane; 1 disables shuffling inside shards
-    seed: int = 0
+    seed: int = 0  # seeds the per-epoch shard shuffle and the shuffle buffers
     resampled: bool = False  # draw shards with replacement (ranks may overlap)
     equalize: Literal["drop", "repeat"] = "drop"  # how lanes with more/fewer samples are made equal
 
@@ -81,8 +85,6 @@ class StreamConfig:
             raise ConfigError(f"config key 'data.shuffle_buffer': must be >= 1, got {self.shuffle_buffer}")
         if self.seed < 0:
             raise ConfigError(f"config key 'data.seed': must be >= 0, got {self.seed}")
-        if self.equalize not in ("drop", "repeat"):
-            raise ConfigError(f"config key 'data.equalize': must be drop or repeat, got {self.equalize!r}")
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -257,19 +259,19 @@ class ClipStream(torch.utils.data.IterableDataset):
         self.consumed = [0] * num_workers
 
     @classmethod
-    def from_config(
+    def from_dataset(
         cls,
+        dataset: Dataset,
         cfg: StreamConfig,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 1,
         read_shard: ShardReader | None = None,
-        read_manifest: Callable[[str], dict] | None = None,
     ) -> ClipStream:
-        urls, counts = resolve_shards(cfg.url, read_manifest, read_shard)
+        """The stream of an opened dataset (its shard list and manifest counts) with the ``data.*`` settings."""
         return cls(
-            urls, counts, rank, world_size, num_workers, cfg.seed, cfg.shuffle_buffer, cfg.equalize,
-            cfg.resampled, read_shard,
+            list(dataset.shard_urls), list(dataset.sample_counts), rank, world_size, num_workers, cfg.seed,
+            cfg.shuffle_buffer, cfg.equalize, cfg.resampled, read_shard,
         )  # fmt: skip
 
     # ---- the per-epoch plan (pure functions of seed, epoch, rank, worker) ----
@@ -400,32 +402,3 @@ class ClipStream(torch.utils.data.IterableDataset):
             )
         self.epoch = int(state["epoch"])
         self.consumed = [int(c) for c in state["consumed"]]
-
-
-def resolve_shards(
-    url: str,
-    read_manifest: Callable[[str], dict] | None = None,
-    read_shard: ShardReader | None = None,
-) -> tuple[list[str], list[int]]:
-    """Shard URLs and sample counts for ``url``: a dataset with manifest.json, or brace-expanded shard URLs.
-
-    Without a manifest every shard is read once to count its samples (slow for big data: prefer a manifest).
-    """
-    if not url:
-        raise StreamError(
-            "data.url is empty: give the dataset folder or s3:// prefix that holds manifest.json"
-        )
-    if "{" in url:
-        import braceexpand
-
-        urls = list(braceexpand.braceexpand(url))
-        if read_shard is None:
-            from data_shards.read import iter_samples as read_shard
-        return urls, [sum(1 for _ in read_shard(u)) for u in urls]
-    if read_manifest is None:
-        from data_shards.read import read_manifest
-    from data_shards.store import join
-
-    manifest = read_manifest(url)
-    shards = manifest["shards"]
-    return [join(url, s["name"]) for s in shards], [int(s["samples"]) for s in shards]

@@ -66,12 +66,24 @@ def run_case(layout: str, clips: int, fn_mode: str, with_desc: bool) -> dict:
     }
 
 
+def agreement(rank: int) -> dict:
+    """The flag and object collectives the engine, checkpoints and metrics use: every rank sees the same answer."""
+    return {
+        "any_rank_of_last": distributed.any_rank(rank == distributed.get_world_size() - 1),
+        "any_rank_of_none": distributed.any_rank(False),
+        "all_ranks_of_last": distributed.all_ranks(rank == distributed.get_world_size() - 1),
+        "all_ranks_of_every": distributed.all_ranks(True),
+        "gathered": distributed.all_gather_object(f"rank{rank}"),
+    }
+
+
 def main() -> int:
     info = distributed.init_distributed("gloo")
     assert info.world_size > 1, "start this with torchrun --nproc_per_node 2"
     results = {name: run_case(*spec) for name, *spec in CASES}
+    agreed = agreement(info.rank)
     with open(os.path.join(os.environ["OUT_DIR"], f"rank{info.rank}.json"), "w") as f:
-        json.dump({"world_size": info.world_size, "cases": results}, f)
+        json.dump({"world_size": info.world_size, "cases": results, "agreement": agreed}, f)
     distributed.barrier()
     distributed.destroy_distributed()
     return 0

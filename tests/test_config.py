@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -10,6 +13,8 @@ import yaml
 
 from common.configio import load_config, parse_overrides, save_config
 from common.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -89,6 +94,126 @@ def test_saved_config_round_trips_and_redacts(tmp_path):
     assert again.seed == 7 and again.optim == cfg.optim
 
 
+def test_literal_keys_take_their_own_type():
+    """A Literal of ints does not take YAML's true (True == 1 in Python)."""
+
+    @dataclass
+    class Stage:
+        stage: Literal[0, 1, 2] = 0
+
+    assert load_config(Stage, None, ["stage=2"]).stage == 2
+    with pytest.raises(ConfigError, match="config key 'stage': must be one of"):
+        load_config(Stage, None, ["stage=true"])
+
+
+def _write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_chain_merges_section_by_section(tmp_path):
+    """base: FILE (relative to the naming file, chains allowed): base < file < command line."""
+    _write(tmp_path / "shared/root.yaml", "seed: 1\nmode: a\noptim:\n  lr: 0.5\n  betas: [0.1, 0.2]\n")
+    _write(tmp_path / "shared/mid.yaml", "base: root.yaml\nseed: 2\ndata:\n  batch: 4\n")
+    top = _write(tmp_path / "runs/top.yaml", "base: ../shared/mid.yaml\noptim:\n  lr: 3e-4\n")
+    cfg = load_config(Run, top)
+    assert cfg.seed == 2  # mid overrides root
+    assert cfg.mode == "a" and cfg.optim.betas == (0.1, 0.2) and cfg.data.batch == 4  # kept from the bases
+    assert cfg.optim.lr == pytest.approx(3e-4)  # the file overrides its bases, key by key inside a section
+    cfg = load_config(Run, top, ["seed=9", "optim.lr=0.1"])
+    assert cfg.seed == 9 and cfg.optim.lr == 0.1 and cfg.data.batch == 4  # the command line wins over all
+
+
+def test_base_cycles_and_missing_bases_name_the_file(tmp_path):
+    a = _write(tmp_path / "a.yaml", "base: b.yaml\nseed: 1\n")
+    _write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(
+        ConfigError, match=r"a\.yaml' \(base of '.*b\.yaml'\) comes back in its own base chain"
+    ):
+        load_config(Run, a)
+    selfish = _write(tmp_path / "self.yaml", "base: ./self.yaml\n")
+    with pytest.raises(ConfigError, match="own base chain"):
+        load_config(Run, selfish)
+    orphan = _write(tmp_path / "orphan.yaml", "base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"gone\.yaml' \(base of '.*orphan\.yaml'\) does not exist"):
+        load_config(Run, orphan)
+    with pytest.raises(ConfigError, match="'base' must be a YAML file path"):
+        load_config(Run, _write(tmp_path / "bad.yaml", "base: [a.yaml]\n"))
+
+
+def test_base_is_not_a_config_key(tmp_path):
+    """base: is consumed while reading: it never reaches the dataclass or the saved config."""
+    _write(tmp_path / "root.yaml", "seed: 5\n")
+    cfg = load_config(Run, _write(tmp_path / "top.yaml", "base: root.yaml\n"))
+    saved = yaml.safe_load(save_config(cfg, tmp_path / "out/config.yaml").read_text())
+    assert "base" not in saved and saved["seed"] == 5
+    with pytest.raises(ConfigError, match="unknown config key 'base'"):
+        load_config(Run, None, ["base=root.yaml"])
+
+
+def test_shipped_variants_are_their_base_plus_few_keys():
+    """The variant configs resolve through their base; what they change is only what they list."""
+    from common.configio import to_dict
+    from pretrain.config import PretrainConfig
+
+    configs = REPO / "launch/configs"
+    for variant, base in (("demo_simclr", "demo"), ("simclr", "sslfer")):
+        text = yaml.safe_load((configs / f"{variant}.yaml").read_text())
+        assert text["base"] == f"{base}.yaml"
+        own = {f"{s}.{k}" if isinstance(v, dict) else s for s, v in text.items() for k in (v or {})}
+        flat_variant = _flatten(to_dict(load_config(PretrainConfig, configs / f"{variant}.yaml")))
+        flat_base = _flatten(to_dict(load_config(PretrainConfig, configs / f"{base}.yaml")))
+        changed = {k for k in flat_base if flat_base[k] != flat_variant[k]}
+        assert changed <= own, (
+            f"{variant}.yaml differs from {base}.yaml in keys it does not set: {changed - own}"
+        )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def test_pretrain_help_lists_every_key_with_its_meaning():
+    """launch/pretrain.py --help: every key of PretrainConfig, with its type, default and a meaning."""
+    from common.config_doc import config_keys
+    from pretrain.config import PretrainConfig
+
+    keys = config_keys(PretrainConfig)
+    assert len(keys) > 80
+    assert not [k.key for k in keys if not k.meaning], "every config key needs a trailing # comment"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launch/pretrain.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.startswith("usage:")
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ") and "default" in line}
+    assert listed >= {k.key for k in keys}
+    for k in keys:
+        assert f"  {k.key} ({k.type}, default {k.default!r})" in out
+
+
+def test_meanings_survive_wrapped_fields():
+    """A field the formatter wrapped keeps its comment; comment lines above a field are not its meaning."""
+    from common.config_doc import field_meanings
+
+    @dataclass
+    class Wrapped:
+        # a note on why, not the meaning
+        plain: int = 1  # the meaning
+        wrapped: list[int] = field(  # still the meaning
+            default_factory=lambda: [1, 2]
+        )
+        bare: int = 0
+
+    assert field_meanings(Wrapped) == {"plain": "the meaning", "wrapped": "still the meaning"}
+
+
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x", "e=true"]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": True}
 
@@ -108,9 +233,11 @@ def test_config_reference_is_current_and_complete():
 def test_global_batch_splits_evenly_or_names_the_key():
     from pretrain.config import PretrainConfig, resolve_global_batch
 
-    cfg = load_config(PretrainConfig, None, ["data.global_batch_clips=64"])
-    resolve_global_batch(cfg, world_size=8)
+    loaded = load_config(PretrainConfig, None, ["data.global_batch_clips=64"])
+    cfg = resolve_global_batch(loaded, world_size=8)
     assert cfg.data.batch_clips == 8
+    # a new config; the loaded one is kept
+    assert loaded.data.batch_clips == PretrainConfig().data.batch_clips
     cfg = load_config(PretrainConfig, None, ["data.global_batch_clips=64"])
     with pytest.raises(
         ConfigError, match=r"'data.global_batch_clips': 64 clips cannot be split evenly over 3 ranks"
@@ -120,5 +247,19 @@ def test_global_batch_splits_evenly_or_names_the_key():
     with pytest.raises(ConfigError, match="fewer than 2"):
         resolve_global_batch(cfg, world_size=4)
     untouched = load_config(PretrainConfig, None, ["data.batch_clips=5"])
-    resolve_global_batch(untouched, world_size=3)
-    assert untouched.data.batch_clips == 5
+    assert resolve_global_batch(untouched, world_size=3).data.batch_clips == 5
+
+
+def test_faceswap_probability_ramps_with_the_batch_position():
+    """faceswap.p ramps linearly from 0 over p_warmup_steps batches of the run (0-based), then stays at p."""
+    from pretrain.faceswap import FaceSwapConfig
+
+    ramp = FaceSwapConfig(p=0.8, p_warmup_steps=4)
+    assert [ramp.probability_at(s) for s in (0, 1, 2, 4, 9)] == pytest.approx([0.0, 0.2, 0.4, 0.8, 0.8])
+    assert FaceSwapConfig(p=0.5).probability_at(0) == 0.5  # no warmup: p from the first batch
+    assert FaceSwapConfig(p=1.0, enabled=False, p_warmup_steps=4).probability_at(9) == 0.0
+    delayed = FaceSwapConfig(p=0.8, start_step=10, p_warmup_steps=4)  # the curriculum: no swaps, then a ramp
+    assert [delayed.probability_at(s) for s in (0, 9, 10, 11, 14, 99)] == pytest.approx(
+        [0, 0, 0, 0.2, 0.8, 0.8]
+    )
+    assert FaceSwapConfig(p=0.8, start_step=3).probability_at(3) == 0.8

@@ -1,4 +1,4 @@
-"""DALI input pipeline (pretrain/dali_pipeline.py): the CPU twin runs here; the GPU graph is defined and its
+"""DALI graphs (pretrain/pipelines/dali_graph.py): the CPU twin runs here; the GPU graph is defined and its
 build fails only for want of a GPU."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ellipse_masks
-from pretrain.dali_pipeline import PARAM_NAMES, build_dali_pipeline, dali_iterator
 from pretrain.faceswap import toy_faces
+from pretrain.pipelines.dali_graph import PARAM_NAMES, build_dali_pipeline, dali_iterator
 
 BATCH = 8
 
@@ -127,8 +127,8 @@ def test_two_stage_decode_then_augment_from_torch_tensors(frames):
     """The training arrangement: DALI decode -> (torch FaceSwap) -> DALI augmentation fed from torch tensors,
     with the crop/flip parameters drawn by torch: DALI's views are exactly the drawn crops and flips."""
     from pretrain.augment import ViewAugmenter, ViewParams
-    from pretrain.dali_pipeline import DaliStages
     from pretrain.decode import decode_jpegs
+    from pretrain.pipelines.dali_graph import DaliStages
 
     cfg = AugmentConfig(flip_p=0.5, jitter_p=0.0, jitter_always_first_family=False, blur_p=0.0, gray_p=0.0,
                         mask_p=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # fmt: skip
@@ -163,8 +163,8 @@ def test_two_stage_decode_then_augment_from_torch_tensors(frames):
 
 def test_decode_stage_resizes_only_frames_of_another_size(frames):
     """Frames stored at image_size pass untouched (no same-size resample); others are resized to it."""
-    from pretrain.dali_pipeline import DaliStages
     from pretrain.decode import decode_jpegs
+    from pretrain.pipelines.dali_graph import DaliStages
 
     stages = DaliStages(AugmentConfig(), torch.device("cpu"), BATCH, 128, 1, seed=5)
     jpegs = list(frames[0][:BATCH])

@@ -27,6 +27,7 @@ import torch
 
 from common.configio import load_config
 from common.errors import ConfigError
+from pretrain.distributed import free_port
 from pretrain.ds_config import build_ds_config, lr_factor
 from tests.helpers import TINY_OVERRIDES, launcher_env
 
@@ -36,16 +37,8 @@ SMOKE = REPO / "launch/configs/smoke.yaml"
 TEST_OVERRIDES = TINY_OVERRIDES
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(kind: str, script: str, args: list[str], timeout: float = 150) -> subprocess.CompletedProcess:
-    port = str(_free_port())
+    port = str(free_port())
     if kind == "deepspeed":
         cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, script]
     elif kind == "torchrun":
@@ -156,8 +149,7 @@ def test_config_errors_name_the_key_and_paper_configs_load():
     for name, rows in (("sslfer", 4), ("simclr", 2)):
         for gpus in (1, 4, 8):
             cfg = load_config(PretrainConfig, REPO / f"launch/configs/{name}.yaml")
-            resolve_global_batch(cfg, gpus)
-            assert cfg.data.batch_clips * rows * gpus == 512
+            assert resolve_global_batch(cfg, gpus).data.batch_clips * rows * gpus == 512
         assert cfg.model.arch == "resnet50" and cfg.augment.crop == 112 and cfg.precision == "bf16"
         assert cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.weight_decay == pytest.approx(1e-4)
         assert cfg.loss.temperature == pytest.approx(0.07) and cfg.model.channels_last
@@ -169,7 +161,7 @@ def test_config_errors_name_the_key_and_paper_configs_load():
 
 def test_batches_layout_and_resume_position(clips_url, tmp_path):
     """Batch shapes/layout, and a restored pipeline continues with exactly the next batch."""
-    from pretrain.batches import BatchPipeline
+    from pretrain.pipelines.torch_pipeline import TorchBatchPipeline as BatchPipeline
 
     cfg = _cfg(clips_url, tmp_path, "data.num_workers=2")
     pipe = BatchPipeline(cfg, rank=0, world_size=1)
@@ -204,7 +196,7 @@ def test_batches_layout_and_resume_position(clips_url, tmp_path):
 
 
 def test_cpu_and_device_decode_paths_agree(clips_url, tmp_path):
-    from pretrain.batches import BatchPipeline
+    from pretrain.pipelines.torch_pipeline import TorchBatchPipeline as BatchPipeline
 
     batches = []
     for decode in ("cpu", "device"):  # "device" on a CPU machine = decode in the training thread
@@ -282,7 +274,7 @@ def test_resume_and_sigterm_continue_bit_exactly(clips_url, tmp_path):
         assert (full / item).exists(), item
 
     # Interrupt with SIGTERM once a few steps are done: a checkpoint must be written before exit.
-    port = str(_free_port())
+    port = str(free_port())
     cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "launch/pretrain.py",
            "--config", *common, f"run_dir={split}"]  # fmt: skip
     proc = subprocess.Popen(

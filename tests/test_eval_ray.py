@@ -183,5 +183,7 @@ def test_submit_address_follows_ray_conventions(monkeypatch):
     assert default_address() == "http://127.0.0.1:8265"
     monkeypatch.setenv("RAY_DASHBOARD_URL", "http://10.0.0.5:8265")
     assert default_address() == "http://10.0.0.5:8265"
-    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.9:8265")  # Ray's own variable wins, as in `ray job submit`
+    monkeypatch.setenv(
+        "RAY_ADDRESS", "http://10.0.0.9:8265"
+    )  # Ray's own variable wins, as in `ray job submit`
     assert default_address() == "http://10.0.0.9:8265"

@@ -170,4 +170,4 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="faceswap.p"):
         from_dict(FaceSwapConfig, {"p": 2.0})
     with pytest.raises(ConfigError, match="faceswap.color_stride"):
-        from_dict(FaceSwapConfig, {"color_stride": 4})
+        from_dict(FaceSwapConfig, {"color_stride": 4}, prefix="faceswap.")

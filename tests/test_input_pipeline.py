@@ -132,7 +132,7 @@ def _take(pipe, n: int):
 
 def test_pipelines_share_layout_shapes_and_clips(good_url):
     """All three pipelines: same Batch fields, shapes, layout, and the same clips in the same batches."""
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     out = {}
     for kind in PIPELINES:
@@ -140,7 +140,7 @@ def test_pipelines_share_layout_shapes_and_clips(good_url):
         assert (
             type(pipe)
             .__name__.lower()
-            .startswith({"torch": "batch", "dali": "dali", "torchvision": "torchvision"}[kind])
+            .startswith({"torch": "torch", "dali": "dali", "torchvision": "torchvision"}[kind])
         )
         out[kind] = _take(pipe, 3)
     ref = out["torch"]
@@ -208,7 +208,7 @@ def test_static_shapes_finish_batches_without_host_reads(good_url, shapes):
     """data.shapes=static (the CUDA default): FaceSwap, both view families and the descriptors never read a
     value back to the host, so a GPU stream never stalls; dynamic (the CPU default) does, and the detector
     sees it. Decoding (data.decode=cpu here) is left to the background threads."""
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     # data.finish_in=trainer: the device side runs in the consuming thread, as on a GPU by default
     cfg = _cfg(
@@ -234,7 +234,7 @@ def test_static_shapes_finish_batches_without_host_reads(good_url, shapes):
 def test_batches_finished_by_workers_or_the_trainer_are_identical_and_resume_exactly(good_url):
     """data.finish_in: the same seeded batches whichever thread finishes them (on a GPU: a worker's own CUDA
     stream, handed over with an event, or the training stream)."""
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     out = {}
     for where in ("workers", "trainer"):
@@ -252,7 +252,7 @@ def test_batches_finished_by_workers_or_the_trainer_are_identical_and_resume_exa
 
 
 def test_static_and_dynamic_shapes_make_the_same_batches(good_url):
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     out = {
         shapes: _take(make_batch_pipeline(_cfg(good_url, f"data.shapes={shapes}"), 0, 1), 3)
@@ -268,7 +268,7 @@ def test_static_and_dynamic_shapes_make_the_same_batches(good_url):
 
 
 def test_torchvision_pipeline_resumes_exactly(good_url):
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     cfg = _cfg(good_url, "data.pipeline=torchvision")
     full = _take(make_batch_pipeline(cfg, 0, 1, "cpu"), 4)
@@ -285,7 +285,7 @@ def test_torchvision_pipeline_resumes_exactly(good_url):
 
 def test_dali_pipeline_resumes_exactly(good_url):
     """Every random parameter of the DALI path is drawn by torch per batch: a resumed run is bit-identical."""
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     cfg = _cfg(good_url, "data.pipeline=dali")
     full = _take(make_batch_pipeline(cfg, 0, 1, "cpu"), 3)
@@ -317,7 +317,7 @@ def test_dali_pipeline_resumes_exactly(good_url):
 )  # fmt: skip
 def test_dali_and_torch_paths_draw_the_same_views(good_url, settings, grey_level_bound):
     """Same batch, same seeded draws, same views, whichever pipeline makes them."""
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     torch_views = _take(make_batch_pipeline(_cfg(good_url, *settings), 0, 1, "cpu"), 2)
     dali_views = _take(make_batch_pipeline(_cfg(good_url, "data.pipeline=dali", *settings), 0, 1, "cpu"), 2)
@@ -337,13 +337,13 @@ def test_dali_and_torch_paths_draw_the_same_views(good_url, settings, grey_level
 def test_faceswap_probability_warms_up_with_the_batch_position(good_url, kind):
     """faceswap.p_warmup_steps: p ramps from 0 to faceswap.p over the first batches of the run, counted
     across epochs, in every pipeline; a resumed run gets the same probabilities (they depend on position)."""
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     extra = ["data.batch_clips=4", "faceswap.p=1.0"]
     pipe = make_batch_pipeline(
         _cfg(good_url, f"data.pipeline={kind}", *extra, "faceswap.p_warmup_steps=4"), 0, 1, "cpu"
     )
-    assert [pipe.swap_probability(s) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+    assert [pipe.cfg.faceswap.probability_at(s) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
     assert pipe.steps_in_epoch(0) < 4  # the ramp spans epochs
 
     def swap_rate(batch) -> float:  # among positives that have a donor of another identity in the batch
@@ -366,7 +366,7 @@ def test_faceswap_probability_warms_up_with_the_batch_position(good_url, kind):
 def test_donor_bank_is_shared_seeded_and_resumes_exactly(good_url, clips):
     """faceswap.donors=bank: the same bank on every rank (one frame per clip, manifest order), donors of
     another identity drawn per batch from it (not from the batch), and resume stays bit-exact."""
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     cfg = _cfg(good_url, "faceswap.donors=bank", "faceswap.p=1.0")
     rank0, rank1 = make_batch_pipeline(cfg, 0, 2, "cpu"), make_batch_pipeline(cfg, 1, 2, "cpu")
@@ -390,7 +390,7 @@ def test_donor_bank_is_shared_seeded_and_resumes_exactly(good_url, clips):
 
 
 def test_donor_bank_of_one_identity_is_a_clear_error(tmp_path, clips):
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     url = str(tmp_path / "one")
     _write(url, [c for c in clips if c.meta["identity_id"] == clips[0].meta["identity_id"]])
@@ -409,7 +409,7 @@ def test_config_rejects_an_unknown_pipeline(good_url):
 
 @pytest.mark.parametrize("kind", PIPELINES)
 def test_faulty_input_is_skipped_counted_and_never_fatal(faulty_url, kind, caplog):
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     cfg = _cfg(faulty_url, f"data.pipeline={kind}", "sampling.short_clip_policy=skip")
     pipe = make_batch_pipeline(cfg, 0, 1, "cpu")
@@ -437,7 +437,7 @@ def test_faulty_input_is_skipped_counted_and_never_fatal(faulty_url, kind, caplo
 @pytest.mark.parametrize("kind", PIPELINES)
 def test_corrupt_jpeg_rows_are_replaced_and_counted(tmp_path, clips, kind):
     from data_shards.write import encode_jpeg
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     # Every clip keeps only its first frame intact: every batch has corrupt rows.
     extra = []
@@ -455,7 +455,7 @@ def test_corrupt_jpeg_rows_are_replaced_and_counted(tmp_path, clips, kind):
 
 
 def test_lost_store_mid_shard_is_retried_then_a_clear_error():
-    from pretrain.batches import resilient_reader
+    from pretrain.pipelines.clips import resilient_reader
 
     store.configure(store.StoreConfig(retries=2, backoff_s=0.0))
     try:
@@ -503,7 +503,7 @@ def s3_clips(s3_env, clips, tmp_path):
 
 
 def test_wrong_credentials_fail_before_training(s3_env, s3_clips, monkeypatch):
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "0" * 32)
     with pytest.raises(store.StoreError, match="rejected the credentials") as err:
@@ -514,7 +514,7 @@ def test_wrong_credentials_fail_before_training(s3_env, s3_clips, monkeypatch):
 def test_store_lost_mid_run_gives_a_clear_error(s3_env, s3_clips, monkeypatch):
     import socket
 
-    from pretrain.batches import make_batch_pipeline
+    from pretrain.pipelines import make_batch_pipeline
 
     pipe = make_batch_pipeline(_cfg(s3_clips, "data.num_workers=0", "data.shuffle_buffer=1"), 0, 1, "cpu")
     it = iter(pipe)

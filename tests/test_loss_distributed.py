@@ -1,23 +1,19 @@
-"""Two ranks through the real torchrun launcher: gathered loss and gradients equal the single-process ones."""
+"""Two ranks through the real launchers: gathered loss and gradients equal the single-process ones, and the
+flag/object collectives of ``pretrain.distributed`` give every rank the same answer."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pretrain.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(launcher: str, port: int) -> list[str]:
@@ -38,13 +34,30 @@ def test_two_ranks_match_single_process(tmp_path, launcher):
         os.environ, OUT_DIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu"
     )
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    cmd = _command(launcher, _free_port())
+    cmd = _command(launcher, free_port())
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["world_size"] == 2
+        assert result["agreement"] == {
+            "any_rank_of_last": True,
+            "any_rank_of_none": False,
+            "all_ranks_of_last": False,
+            "all_ranks_of_every": True,
+            "gathered": ["rank0", "rank1"],
+        }
         for name, case in result["cases"].items():
             assert case["grad_norm"] > 1e-3, name  # the check is not vacuous
             assert case["loss_diff"] < 1e-5, (name, case)
             assert case["grad_diff"] < 1e-5, (name, case)
+
+
+def test_collectives_without_a_process_group_are_the_identity():
+    from pretrain import distributed
+
+    assert not distributed.is_initialized()
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
+    assert distributed.all_ranks(True) and not distributed.all_ranks(False)
+    assert distributed.all_gather_object({"port": 1}) == [{"port": 1}]
+    assert 0 < free_port() < 65536

@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from common.configio import from_dict
 from common.errors import ConfigError
 from pretrain.sampling import (
     REFERENCE_FPS,
@@ -112,6 +113,6 @@ def test_deterministic_and_fresh_per_epoch():
 
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="sampling.weight_mode"):
-        SamplingConfig(weight_mode="d").validate()
+        from_dict(SamplingConfig, {"weight_mode": "d"}, prefix="sampling.")
     with pytest.raises(ConfigError, match="sampling.positive_offsets_s"):
         SamplingConfig(positive_offsets_s=[]).validate()

@@ -9,8 +9,10 @@ from itertools import islice
 import pytest
 import torch
 
+from common.configio import from_dict
 from common.errors import ConfigError
-from pretrain.stream import ClipStream, StreamConfig, StreamError, StreamStateError, resolve_shards
+from pretrain.dataset import open_dataset
+from pretrain.stream import ClipStream, StreamConfig, StreamError, StreamStateError
 
 UNEVEN = [7, 3, 12, 5, 9, 1, 6]  # samples per shard
 
@@ -205,20 +207,24 @@ def test_real_tar_shards_with_manifest(tmp_path):
                 )
         shards.append({"name": name, "samples": c})
     manifest = {"shards": shards}
-    urls, got_counts = resolve_shards(str(tmp_path), read_manifest=lambda url: manifest)
-    assert got_counts == counts
-    stream = ClipStream(urls, got_counts, rank=0, world_size=1, shuffle_buffer=2)  # default reader
+    dataset = open_dataset(str(tmp_path), read_manifest=lambda url: manifest)
+    assert list(dataset.sample_counts) == counts
+    stream = ClipStream.from_dataset(dataset, StreamConfig(shuffle_buffer=2))  # default reader
     samples = list(stream)
     assert sorted(s["key"] for s in samples) == sorted(
         f"c{s}x{i}" for s, c in enumerate(counts) for i in range(c)
     )
     assert samples[0]["frames"] == [b"a", b"b"]
-    brace_urls, brace_counts = resolve_shards(str(tmp_path / "shard-{000000..000002}.tar"))
-    assert brace_counts == counts and brace_urls == urls
+    braced = open_dataset(str(tmp_path / "shard-{000000..000002}.tar"))
+    assert braced.sample_counts == dataset.sample_counts and braced.shard_urls == dataset.shard_urls
+    assert braced.manifest is None
 
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="data.equalize"):
-        StreamConfig(equalize="pad").validate()
-    with pytest.raises(StreamError, match="data.url is empty"):
-        ClipStream.from_config(StreamConfig())
+        from_dict(StreamConfig, {"equalize": "pad"}, prefix="data.")
+
+
+def test_an_empty_dataset_url_is_a_config_error():
+    with pytest.raises(ConfigError, match="'data.url' is empty"):
+        open_dataset(StreamConfig().url)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.distributed import free_port
 from tests.helpers import TINY_OVERRIDES, launcher_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,12 +57,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 env = launcher_env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(launcher: str, args: list[str]) -> list[str]:

@@ -1,10 +1,12 @@
 """``data.pipeline=torchvision``: the plain baseline - per-sample PIL + torchvision transforms in a torch DataLoader.
 
-The same work as :class:`pretrain.batches.BatchPipeline`, done the way a typical PyTorch project does it, so
-the benchmark has an honest reference and users have a fallback that needs nothing beyond torchvision:
+The same work as the torch pipeline (:mod:`pretrain.pipelines.torch_pipeline`), done the way a typical PyTorch
+project does it, so the benchmark has an honest reference and users have a fallback that needs nothing beyond
+torchvision:
 
-* the same :class:`pretrain.stream.ClipStream`, frame sampler and clip groups (the reader runs in the main
-  process as the DataLoader's *sampler*: each "index" it yields is one clip group with its JPEG bytes);
+* the same :class:`pretrain.stream.ClipStream`, frame sampler and clip groups
+  (:class:`pretrain.pipelines.base.ClipBatchPipeline`; the reader runs in the main process as the DataLoader's
+  *sampler*: each "index" it yields is one clip group with its JPEG bytes);
 * DataLoader workers (``data.num_workers`` processes, ``batch_size=None``) turn a group into a batch, one image
   at a time: PIL decode -> FaceSwap of each positive (P, NP) with probability ``faceswap.p`` onto a donor row of
   another identity, with the per-sample NumPy/SciPy recipe :func:`pretrain.faceswap.face_swap_reference` (what
@@ -37,8 +39,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from pretrain.augment import MASK_REGIONS, AugmentConfig
-from pretrain.batches import Batch, BatchPipeline, _ClipGroup, device_seed, identity_code
+from pretrain.dataset import Dataset
 from pretrain.faceswap import FaceSwapConfig, face_swap_reference
+from pretrain.pipelines.base import Batch, ClipBatchPipeline
+from pretrain.pipelines.clips import ClipGroup, clip_identity, device_seed, frame_landmarks, replacement_row
 
 
 class TorchvisionViews:
@@ -105,7 +109,7 @@ class _GroupToBatch(torch.utils.data.Dataset):
             image = image.resize((self.size, self.size), Image.BILINEAR)
         return image
 
-    def __getitem__(self, group: _ClipGroup) -> dict[str, Any]:
+    def __getitem__(self, group: ClipGroup) -> dict[str, Any]:
         seed = device_seed(self.cfg.seed, group.epoch, self.rank, group.index)
         torch.manual_seed(seed)
         random.seed(seed)
@@ -114,26 +118,22 @@ class _GroupToBatch(torch.utils.data.Dataset):
         skips: Counter[str] = Counter()
         pil: list[Image.Image | None] = []
         landmarks = []
-        for block in range(self.rows_per_clip):
-            for sample, choice in zip(group.samples, group.choices):
-                pos, meta = choice[block], sample["meta"]
-                try:
-                    pil.append(self._decode(sample["frames"][pos]))
-                except (OSError, ValueError, SyntaxError):
-                    pil.append(None)
-                scale = self.size / float(meta.get("size") or self.size)
-                landmarks.append(np.asarray(meta["landmarks"][pos], dtype=np.float32) * scale)
+        for sample, pos in group.rows():
+            try:
+                pil.append(self._decode(sample["frames"][pos]))
+            except (OSError, ValueError, SyntaxError):
+                pil.append(None)
+            landmarks.append(frame_landmarks(sample, pos, self.size))
         good = [i for i, im in enumerate(pil) if im is not None]
         if not good:
             raise RuntimeError(f"every JPEG of a batch failed to decode ({len(pil)} images)")
         for i, im in enumerate(pil):
             if im is None:  # as the torch path: another decoded frame of the same clip
                 skips["corrupt_jpeg"] += 1
-                same_clip = [j for j in good if j % b == i % b]
-                pil[i] = pil[(same_clip or good)[0]]
+                pil[i] = pil[replacement_row(i, good, b)]
         n = len(pil)
         half = n // 2
-        identity = np.array([identity_code(s["meta"].get("identity_id", s["key"])) for s in group.samples])
+        identity = np.array([clip_identity(s) for s in group.samples])
         row_identity = np.tile(identity, self.rows_per_clip)
         sources = [np.asarray(im) for im in pil]  # unswapped uint8 frames (descriptors, donors)
         swapped = np.zeros(n, dtype=bool)
@@ -173,17 +173,25 @@ class _GroupToBatch(torch.utils.data.Dataset):
         }
 
 
-class TorchvisionBatchPipeline(BatchPipeline):
-    """:class:`BatchPipeline`'s interface and stream, with the per-sample torchvision DataLoader inside."""
+class TorchvisionBatchPipeline(ClipBatchPipeline):
+    """The pipeline interface and clip groups of the other pipelines, with the per-sample torchvision DataLoader
+    inside."""
 
-    def __init__(self, cfg, rank: int, world_size: int, device: torch.device | str = "cpu"):
-        super().__init__(cfg, rank, world_size, device)
+    def __init__(
+        self,
+        cfg,
+        rank: int,
+        world_size: int,
+        device: torch.device | str = "cpu",
+        dataset: Dataset | None = None,
+    ):
+        super().__init__(cfg, rank, world_size, device, dataset)
         self._loader_iter = None
 
     def __iter__(self):
         self.close()
         states: dict[tuple[int, int], Any] = {}
-        groups = self._groups(self._epoch, self._index, self._stream_state)
+        groups = self.clip_groups()
         workers = self.data.num_workers
         loader = torch.utils.data.DataLoader(
             _GroupToBatch(self.cfg, self.rank, self.rows_per_clip, self.layout, self.donor_bank),
@@ -201,11 +209,7 @@ class TorchvisionBatchPipeline(BatchPipeline):
                 wait_s = time.perf_counter() - t0
                 batch = self._finish_item(item, wait_s)
                 epoch, index = item["epoch"], item["index"]
-                stream_state = states.pop((epoch, index))
-                self._epoch, self._index = epoch, index + 1
-                if self._index >= self.steps_in_epoch(epoch):
-                    self._epoch, self._index, stream_state = epoch + 1, 0, None
-                self._stream_state = stream_state
+                self.consumed(epoch, index, states.pop((epoch, index)))
                 yield batch
         finally:
             self.close()
@@ -239,4 +243,3 @@ class TorchvisionBatchPipeline(BatchPipeline):
         it, self._loader_iter = getattr(self, "_loader_iter", None), None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
-        super().close()

@@ -1,4 +1,4 @@
-"""DALI input pipeline: frame JPEGs + landmarks -> the paper's augmented views, on the CPU or the GPU.
+"""DALI graphs: frame JPEGs + landmarks -> the paper's augmented views, on the CPU or the GPU.
 
 The sampler has already chosen the frames, so DALI is fed by ``fn.external_source`` (batch mode,
 ``cycle="raise"``: without it every epoch after the first is silently empty). Each batch carries, per sample, the
@@ -51,10 +51,11 @@ which DALI cannot call inside a graph without per-sample Python. So :class:`Dali
 
 Both stages are fed with ``feed_input`` and run synchronously (``prefetch_queue_depth=1``) by the thread that
 finishes the batch: the training thread on CUDA; on the CPU each worker thread of
-:class:`pretrain.batches.BatchPipeline` finishes whole batches with its own pair of stages (one DALI thread each;
-DALI pipelines are not thread-safe), so batches are built in parallel. A corrupt JPEG makes the decode stage raise: the rows are then checked
-one by one with the CPU decoder, bad ones are replaced by the bytes of another frame of the same clip (counted
-as ``corrupt_jpeg``) and the stage is run again - DALI pipelines keep working after a failed run.
+:class:`pretrain.pipelines.dali_pipeline.DaliBatchPipeline` finishes whole batches with its own pair of stages (one
+DALI thread each; DALI pipelines are not thread-safe), so batches are built in parallel. A corrupt JPEG makes the
+decode stage raise: the rows are then checked one by one with the CPU decoder, bad ones are replaced by the bytes
+of another frame of the same clip (counted as ``corrupt_jpeg``) and the stage is run again - DALI pipelines keep
+working after a failed run.
 
 Randomness and resume: in training DALI draws nothing. Frame choice, FaceSwap coins/donors, and every view
 parameter (mask coin and region, crop origin, flip, jitter coin and factors, blur coin and sigma, grayscale coin)

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_shards.read import shard_urls
+from pretrain.dataset import Dataset
+from pretrain.decode import decode_jpegs_skipping
+from pretrain.pipelines.clips import clip_identity, frame_landmarks, validate_landmarks
 
 
 @dataclass
@@ -39,22 +41,18 @@ class DonorBank:
         )
 
 
-def load_donor_bank(url: str, frames: int, image_size: int, read_shard, skips) -> DonorBank:
-    """Read the bank from the dataset at ``url`` (``read_shard(url)`` yields clip samples, with retries)."""
-    from pretrain.batches import identity_code, validate_landmarks
-    from pretrain.decode import decode_jpegs_skipping
-
+def load_donor_bank(dataset: Dataset, frames: int, image_size: int, read_shard, skips) -> DonorBank:
+    """Read the bank from ``dataset``'s shards (``read_shard(url)`` yields clip samples, with retries)."""
     jpegs, landmarks, identities = [], [], []
-    for shard_url in shard_urls(url):
+    for shard_url in dataset.shard_urls:
         for sample in read_shard(shard_url):
             clip_frames, meta = sample.get("frames"), sample["meta"]
             if not clip_frames or validate_landmarks(meta, len(clip_frames)) is not None:
                 continue  # counted by the training stream when it meets the clip
             middle = len(clip_frames) // 2
-            scale = image_size / float(meta.get("size") or image_size)
             jpegs.append(clip_frames[middle])
-            landmarks.append(np.asarray(meta["landmarks"][middle], dtype=np.float32) * scale)
-            identities.append(identity_code(meta.get("identity_id", sample["key"])))
+            landmarks.append(frame_landmarks(sample, middle, image_size))
+            identities.append(clip_identity(sample))
             if len(jpegs) >= frames:
                 break
         if len(jpegs) >= frames:
@@ -65,7 +63,7 @@ def load_donor_bank(url: str, frames: int, image_size: int, read_shard, skips) -
     good = [i for i in range(len(jpegs)) if i not in set(bad)]
     if images is None or len(set(identities[i] for i in good)) < 2:
         raise ValueError(
-            f"faceswap.donors=bank: {url} gave {len(good)} usable donor frames of "
+            f"faceswap.donors=bank: {dataset.url} gave {len(good)} usable donor frames of "
             f"{len(set(identities[i] for i in good))} identities; at least 2 identities are needed "
             "(use faceswap.donors=batch or more data)"
         )
