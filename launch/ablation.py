@@ -327,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     runs: dict[str, list[str]] = {}
     checkpoints = []
-    for variant in variants:
-        for seed in seeds:
+    # seed-major: an interrupted ablation still holds complete pairs for the paired differences
+    for seed in seeds:
+        for variant in variants:
             name = f"{slug(variant)}-s{seed}"
             run_dir = out / name
             cmd = pretrain_cmd(variant, seed, run_dir, pre, args.steps, args.set)
