@@ -13,6 +13,7 @@ from typing import Literal
 from common.errors import ConfigError
 from data_shards.store import StoreConfig
 from pretrain.augment import AugmentConfig
+from pretrain.collapse import CollapseConfig
 from pretrain.descriptors import DescriptorConfig
 from pretrain.faceswap import FaceSwapConfig
 from pretrain.loss import LossConfig
@@ -122,6 +123,9 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(enabled=False))
     store: StoreConfig = field(default_factory=StoreConfig)  # object-store retries/backoff/timeouts
+    collapse: CollapseConfig = field(
+        default_factory=CollapseConfig
+    )  # warn when positive top-1 stays at chance
 
     def validate(self) -> None:
         if not self.run_dir:

@@ -24,6 +24,7 @@ from torch import nn
 from common.configio import save_config
 from pretrain import distributed, fault_injection, preflight
 from pretrain.checkpoint import Checkpointer, StopSignal
+from pretrain.collapse import CollapseDetector
 from pretrain.config import PretrainConfig, resolve_global_batch
 from pretrain.dataset import open_dataset
 from pretrain.ds_config import build_ds_config, lr_scheduler_factory
@@ -57,6 +58,7 @@ class Trainer:
         self.epoch = 0
         self.resumed_from: Path | None = None
         self.nonfinite_skipped = 0  # steps skipped for a NaN/inf loss (nan_policy=skip)
+        self.collapse = CollapseDetector(cfg.collapse)  # positive top-1 stuck at chance: one clear warning
         # Credentials, store retry policy, config vs manifest: before any rank waits for the others.
         preflight.configure_store(cfg)
         self.dataset = open_dataset(cfg.data.url)  # once per rank: access checked, manifest read
@@ -314,6 +316,7 @@ class Trainer:
             ]
         ).to(self.device)  # nccl reduces device tensors only
         loss, l1, l2, top1, negs, same = distributed.all_reduce_mean(stats).tolist()
+        collapsed = self.collapse.update(self.step, top1, negs)  # the same reduced values on every rank
         # Wall clock since the previous line: the stop-flag all-reduce, logging and checkpoints between steps
         # count too (summed step times alone overstated throughput by ~15% on 2 CPU ranks).
         images_per_s = window.images * self.world_size / max(window.elapsed(), 1e-9)
@@ -331,6 +334,7 @@ class Trainer:
                 pick_rate=out.pick_index.numel() / max(out.rows, 1) if out.pick_index is not None else 0.0,
                 same_identity_rate=same if out.pick_same_group_rate is not None else None,
             )
+            self.metrics.set_health(positive_top1=top1, collapse_suspected=collapsed)
             self._sync_counters()
         if metrics_file is None:
             return
@@ -346,6 +350,7 @@ class Trainer:
             "input_prep_fraction": window.prep / max(window.seconds, 1e-9),
             "step_time_s": window.seconds / max(window.steps, 1),
             "positive_top1": top1,
+            "collapse_suspected": collapsed,
             "negatives_per_row": negs,
             "pick_same_identity_rate": same if out.pick_same_group_rate is not None else None,
             "peak_memory_bytes": peak,

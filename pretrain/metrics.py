@@ -88,6 +88,13 @@ class TrainMetrics:
             "sslfer_maskfn_same_identity_rate",
             "Fraction of MaskFN picks that are the same-clip hard negative",
         )
+        self.positive_top1 = gauge(
+            "sslfer_positive_top1_ratio", "Share of rows whose positive beats every negative (all ranks)"
+        )
+        self.collapse_suspected = gauge(
+            "sslfer_collapse_suspected",
+            "1 when positive top-1 has stayed at chance for collapse.window_steps",
+        )
         self.lr = gauge("sslfer_learning_rate", "Current learning rate")
         self.device_memory = gauge("sslfer_device_memory_bytes", "Peak accelerator memory allocated")
         self.host_memory = gauge("sslfer_host_memory_bytes", "Peak resident host memory of this rank")
@@ -153,6 +160,11 @@ class TrainMetrics:
         self._l(self.lr).set(lr)
         if loss is not None:
             self.set_losses(loss, l1, l2, pick_rate, same_identity_rate)
+
+    def set_health(self, positive_top1: float, collapse_suspected: bool) -> None:
+        """Training health on logging steps: positive top-1 and the collapse detector's verdict."""
+        self._l(self.positive_top1).set(positive_top1)
+        self._l(self.collapse_suspected).set(1.0 if collapse_suspected else 0.0)
 
     def set_losses(
         self,

@@ -367,3 +367,13 @@ def test_a_rank_that_aborts_in_native_code_prints_its_python_stack():
     assert proc.returncode == -signal.SIGABRT, proc.stderr[-2000:]
     assert "Fatal Python error: Aborted" in proc.stderr, proc.stderr[-2000:]
     assert "line 5 in native_abort" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_collapse_is_flagged_in_the_log_and_metrics(clips_url, tmp_path):
+    """A run whose positive top-1 counts as 'at chance' (a line set absurdly high) is flagged after the window."""
+    run_dir = tmp_path / "flat"
+    proc = _launch("python", "launch/pretrain.py", ["--config", str(SMOKE), *TEST_OVERRIDES, f"data.url={clips_url}",
+                   f"run_dir={run_dir}", "max_steps=4", "log_every=1", "collapse.window_steps=2",
+                   "collapse.chance_factor=1000"])  # fmt: skip
+    assert [m["collapse_suspected"] for m in _metrics(run_dir)] == [False, False, True, True]
+    assert "looks collapsed" in proc.stderr + proc.stdout and "faceswap.start_step" in proc.stderr + proc.stdout

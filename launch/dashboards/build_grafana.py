@@ -47,6 +47,14 @@ PANELS = [
         ],
         "percentunit",
     ),
+    (
+        "Positive top-1 / collapse suspected",
+        [
+            'avg by (run) (sslfer_positive_top1_ratio{run=~"$run"})',
+            'max by (run) (sslfer_collapse_suspected{run=~"$run"})',
+        ],
+        "percentunit",
+    ),
     ("Learning rate", 'max by (run) (sslfer_learning_rate{run=~"$run"})', "short"),
     (
         "Memory per rank (bytes)",
