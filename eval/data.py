@@ -45,6 +45,7 @@ class FramesData:
     split: np.ndarray  # object array of str
     manifest: dict[str, Any] = field(default_factory=dict)
     clip: np.ndarray | None = None  # object array of str: the clip each frame comes from (its key if none)
+    skipped: dict[str, int] = field(default_factory=dict)  # samples left out by reason (bad JPEG, ...)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -104,7 +105,37 @@ def check_dataset(url: str, read_manifest: Callable[[str], dict] | None = None) 
 
 
 def _float_or_nan(value: Any) -> float:
-    return float("nan") if value is None else float(value)
+    """A finite number, else NaN (unknown): strings, lists, Infinity and NaN from hostile JSON included."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return float("nan")
+    value = float(value)
+    return value if np.isfinite(value) else float("nan")
+
+
+def _expression_or_unknown(value: Any) -> int:
+    """An expression class 0..7, else -1 (unknown)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+        return -1
+    return int(value) if 0 <= value < 8 else -1
+
+
+def usable_jpeg(data: Any) -> str | None:
+    """None if ``data`` is a JPEG of sane declared size that PIL can parse, else why not (nothing decoded)."""
+    import io
+
+    from PIL import Image
+
+    from data_shards.jpeg_header import BadJpeg, check_jpeg, max_side_for
+
+    if not isinstance(data, bytes | bytearray):
+        return "not JPEG bytes"
+    try:
+        check_jpeg(data, max_side_for(None))
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (BadJpeg, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"{type(err).__name__}: {str(err)[:200]}"
+    return None
 
 
 def load_frames(
@@ -121,14 +152,27 @@ def load_frames(
     samples: Iterable[dict[str, Any]] = (
         sample for shard in manifest["shards"] for sample in iter_samples(join(url, shard["name"]))
     )
+    from data_shards.read import SkipCounter
+
+    skipped = SkipCounter()
     for sample in samples:
         meta = sample["meta"]
+        if "jpeg" not in sample:
+            skipped("not_a_frame", f"{url} sample {sample.get('key')}: a clip in a frames dataset")
+            continue
+        problem = usable_jpeg(sample["jpeg"])
+        if problem is not None:  # one bad image is left out and counted; the dataset is still evaluated
+            skipped("corrupt_jpeg", f"{url} sample {sample.get('key')}: {problem}")
+            continue
         keys.append(sample["key"])
         jpegs.append(sample["jpeg"])
-        expr.append(int(meta.get("expression", -1) if meta.get("expression") is not None else -1))
+        expr.append(_expression_or_unknown(meta.get("expression")))
         val.append(_float_or_nan(meta.get("valence")))
         aro.append(_float_or_nan(meta.get("arousal")))
-        ident.append(meta.get("identity_id") or "")
+        identity = meta.get("identity_id")
+        ident.append(
+            str(identity) if isinstance(identity, str | int) and not isinstance(identity, bool) else ""
+        )
         split.append(meta.get("split") or manifest.get("split") or "")
         clip_id = meta.get("clip_id")
         clip.append(str(clip_id) if isinstance(clip_id, str | int) and clip_id != "" else sample["key"])
@@ -148,6 +192,7 @@ def load_frames(
         split=np.asarray(split, dtype=object),
         manifest=manifest,
         clip=np.asarray(clip, dtype=object),
+        skipped=skipped.as_dict(),
     )
 
 

@@ -50,7 +50,10 @@ def decode_batch(jpegs: list[bytes], resize: int, crop: int) -> torch.Tensor:
     """JPEG bytes -> uint8 tensor [B, 3, crop, crop] (resize shorter side, centre crop)."""
     out = torch.empty((len(jpegs), 3, crop, crop), dtype=torch.uint8)
     for i, data in enumerate(jpegs):
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        try:  # load_frames left out what fails its checks; a body that is corrupt past them still must not stop
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            image = Image.new("RGB", (crop, crop), (128, 128, 128))
         w, h = image.size
         scale = resize / min(w, h)
         if (w, h) != (round(w * scale), round(h * scale)):

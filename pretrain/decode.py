@@ -1,7 +1,8 @@
 """Batched JPEG decode: lists of JPEG bytes -> one uint8 tensor (N, 3, H, W).
 
-``device="cuda"`` decodes the whole list with nvjpeg in one call; otherwise libjpeg on the CPU. A corrupt JPEG
-raises :class:`CorruptImage` carrying its index so the caller can drop it, count it and retry;
+``device="cuda"`` decodes the whole list with nvjpeg in one call; otherwise libjpeg on the CPU. A corrupt JPEG, or
+one whose header declares a size far beyond the expected one (a decompression bomb; checked before decoding,
+:mod:`data_shards.jpeg_header`), raises :class:`CorruptImage` carrying its index so the caller can drop it, count it and retry;
 :func:`decode_jpegs_skipping` does exactly that.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
+
+from data_shards.jpeg_header import BadJpeg, check_jpeg, max_side_for
 
 
 class CorruptImage(ValueError):
@@ -46,6 +49,12 @@ def decode_jpegs(
     if not jpegs:
         raise ValueError("decode_jpegs: empty list of JPEGs")
     device = torch.device(device)
+    limit = max_side_for(size)
+    for i, jpeg in enumerate(jpegs):  # declared size first: a bomb is refused before any decoder sees it
+        try:
+            check_jpeg(jpeg.numpy() if isinstance(jpeg, torch.Tensor) else jpeg, limit)
+        except BadJpeg as err:
+            raise CorruptImage(i, str(err)) from err
     raws = [_as_byte_tensor(j) for j in jpegs]
     if device.type == "cuda":
         try:

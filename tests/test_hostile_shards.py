@@ -222,3 +222,77 @@ def test_fuzz_1000_mutated_shards_no_uncaught_exception_and_nothing_silently_los
     print(
         f"\nfuzz: {FUZZ_CASES} mutated shards ({by_kind}), 0 uncaught exceptions, peak {peak / 2**20:.1f} MiB"
     )
+
+
+# ---- JPEG bombs and hostile JSON fields past the reader ----
+
+
+def _bomb(width: int, height: int) -> bytes:
+    """A tiny valid-looking JPEG whose frame header declares width x height."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 120, 150)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_jpeg_header_size_is_read_without_decoding():
+    from data_shards.jpeg_header import BadJpeg, check_jpeg, jpeg_size
+
+    assert jpeg_size(_bomb(8000, 8000)) == (8000, 8000)
+    with pytest.raises(BadJpeg, match="8000 x 8000"):
+        check_jpeg(_bomb(8000, 8000), 4096)
+    with pytest.raises(BadJpeg, match="start-of-image"):
+        jpeg_size(b"GIF89a" + b"\0" * 64)
+    assert check_jpeg(_bomb(8, 8), 64) == (8, 8)
+
+
+def test_batched_decode_refuses_a_bomb_before_decoding():
+    from pretrain.decode import decode_jpegs_skipping
+
+    tracemalloc.start()
+    images, bad = decode_jpegs_skipping([_bomb(8, 8), _bomb(8000, 8000), _bomb(20000, 20000)], "cpu", 8)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert bad == [1, 2] and images.shape == (1, 3, 8, 8)
+    assert peak < 8 << 20
+
+
+def test_evaluation_leaves_out_bad_jpegs_and_hostile_labels(tmp_path):
+    from data_shards.write import ShardWriter
+    from eval.data import load_frames
+    from eval.features import decode_batch
+
+    url = str(tmp_path / "eval")
+    with ShardWriter(url, "frames", "eval", {}) as writer:
+        writer.write("ok", _bomb(8, 8), {"identity_id": "p", "expression": 3, "valence": 0.5})
+        writer.write("bomb", _bomb(20000, 20000), {"identity_id": "p", "expression": 1})
+        writer.write("junk", b"\xff\xd8not a jpeg", {"identity_id": "p"})
+        writer.write("labels", _bomb(8, 8), {"identity_id": ["x"], "expression": "abc", "valence": 1e400})
+    data = load_frames(url)
+    assert data.keys == ["ok", "labels"] and data.skipped == {"corrupt_jpeg": 2}
+    assert list(data.expression) == [3, -1] and list(data.identity) == ["p", ""]
+    assert np.isnan(data.valence[1])
+    assert decode_batch([b"\xff\xd8broken"], 8, 8).shape == (1, 3, 8, 8)  # grey stand-in, no exception
+
+
+@pytest.mark.parametrize(
+    "meta, reason",
+    [
+        ({"fps": float("inf")}, "bad_fps"),
+        ({"fps": float("nan")}, "bad_fps"),
+        ({"fps": "abc"}, "bad_fps"),
+        ({"size": "abc"}, "bad_size"),
+        ({"size": [1]}, "bad_size"),
+        ({"size": 1}, "bad_size"),
+        ({"size": 64.5}, "bad_size"),
+        ({}, None),
+    ],
+)
+def test_clip_json_fields_are_type_and_range_checked(meta, reason):
+    from pretrain.pipelines.clips import validate_landmarks
+
+    assert validate_landmarks({"landmarks": np.zeros((2, 68, 2)), **meta}, 2) == reason

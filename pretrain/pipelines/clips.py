@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -66,8 +67,39 @@ def resilient_reader(read, handler, sleep=time.sleep):
     return read_shard
 
 
+FPS_RANGE = (0.1, 1000.0)  # frames per second a clip may declare
+SIZE_RANGE = (8, 16384)  # pixels: the frame side the landmarks refer to
+
+
+def clip_fps(meta: dict[str, Any]) -> float | None:
+    """The clip's frame rate (DEFAULT_FPS when absent), or None when the JSON value is not a sane number
+    (Infinity, NaN, 1e400, a string, a list)."""
+    raw = meta.get("fps")
+    if raw is None:
+        return DEFAULT_FPS
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        return None
+    fps = float(raw)
+    return fps if math.isfinite(fps) and FPS_RANGE[0] <= fps <= FPS_RANGE[1] else None
+
+
+def size_ok(meta: dict[str, Any]) -> bool:
+    """``meta['size']`` (the side the landmarks refer to) absent, or an integer in SIZE_RANGE."""
+    raw = meta.get("size")
+    if raw is None:
+        return True
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        return False
+    return float(raw).is_integer() and SIZE_RANGE[0] <= raw <= SIZE_RANGE[1]
+
+
 def validate_landmarks(meta: dict[str, Any], frames: int) -> str | None:
-    """None if ``meta['landmarks']`` is (frames, 68, 2) finite numbers, else the skip reason."""
+    """None if the clip's geometry can be trusted, else the skip reason: ``meta['landmarks']`` must be
+    (frames, 68, 2) finite numbers, ``meta['fps']`` a sane frame rate, ``meta['size']`` a sane frame side."""
+    if clip_fps(meta) is None:
+        return "bad_fps"
+    if not size_ok(meta):
+        return "bad_size"
     raw = meta.get("landmarks")
     if raw is None:
         return "missing_landmarks"
@@ -90,13 +122,13 @@ def choose_frames(
     frames, meta = sample["frames"], sample["meta"]
     reason = validate_landmarks(meta, len(frames))
     if reason is not None:
-        skips(reason, f"clip {sample.get('key')}: landmarks must be ({len(frames)}, 68, 2) numbers")
+        skips(
+            reason,
+            f"clip {str(sample.get('key'))[:200]}: landmarks must be ({len(frames)}, 68, 2) finite numbers, "
+            f"fps a number in {FPS_RANGE}, size an integer in {SIZE_RANGE}",
+        )
         return None
-    try:
-        fps = float(meta.get("fps") or DEFAULT_FPS)
-    except (TypeError, ValueError):
-        fps = DEFAULT_FPS
-    choice = sampler.sample_clip(len(frames), fps, rng)
+    choice = sampler.sample_clip(len(frames), clip_fps(meta), rng)
     if choice is None:
         return None
     if layout == "sslfer":

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from data_shards.jpeg_header import check_jpeg, max_side_for
 from pretrain.augment import MASK_REGIONS, AugmentConfig
 from pretrain.dataset import Dataset
 from pretrain.faceswap import FaceSwapConfig, face_swap_reference
@@ -104,6 +105,7 @@ class _GroupToBatch(torch.utils.data.Dataset):
         self.swap_cfg: FaceSwapConfig | None = cfg.faceswap if cfg.faceswap.enabled else None
 
     def _decode(self, jpeg: bytes) -> Image.Image:
+        check_jpeg(jpeg, max_side_for(self.size))  # BadJpeg (a ValueError) before PIL allocates a bomb
         image = Image.open(io.BytesIO(jpeg)).convert("RGB")
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.BILINEAR)
@@ -121,7 +123,7 @@ class _GroupToBatch(torch.utils.data.Dataset):
         for sample, pos in group.rows():
             try:
                 pil.append(self._decode(sample["frames"][pos]))
-            except (OSError, ValueError, SyntaxError):
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 pil.append(None)
             landmarks.append(frame_landmarks(sample, pos, self.size))
         good = [i for i, im in enumerate(pil) if im is not None]
