@@ -40,10 +40,22 @@ RAY_ENV = {
 
 
 def ray_env() -> dict[str, str]:
-    """RAY_ENV set in this process (unless already set) and returned with OMP_NUM_THREADS for the job."""
+    """RAY_ENV set in this process (unless already set); returns what the job's processes get on top of the
+    cluster's own environment. Not the auth mode: a job inherits its cluster's (a token cluster's jobs get the
+    token from the head), and a client's mode comes from its caller (``launch.ray_head`` prints it)."""
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
-    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **RAY_ENV}
+    job = {k: v for k, v in RAY_ENV.items() if k != "RAY_AUTH_MODE"}
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **job}
+
+
+def refresh_auth_mode() -> None:
+    """Make Ray's cached settings follow RAY_AUTH_MODE and the token as they are now: a process that used Ray
+    before (a local ``ray.init``, another cluster) keeps what it saw first and would send no or a stale token."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()  # a token read for an earlier cluster is not this one's
 
 
 def submit_and_wait(
@@ -60,6 +72,7 @@ def submit_and_wait(
     from ray.job_submission import JobSubmissionClient
 
     env_vars = ray_env()
+    refresh_auth_mode()
     client = JobSubmissionClient(address)
     runtime_env: dict = {"env_vars": env_vars}
     if working_dir:

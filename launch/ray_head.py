@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.ray_jobs import RAY_ENV
-from launch.services import ServiceError, free_port, process_start_time, same_process, stop_pid
+from launch.services import (
+    ServiceError,
+    export_lines,
+    free_port,
+    process_start_time,
+    same_process,
+    stop_pid,
+    write_private,
+)
 
 
 @dataclass
@@ -42,6 +51,9 @@ class RayHead:
     stop_grace_s: float = 3.0  # Ray drains up to 30 s on SIGTERM; a private head needs no drain: then SIGKILL
     pid: int | None = None
     temp_dir: str = ""  # default: a fresh /tmp/rayh-* folder, removed on stop (logs: state_dir/head.log)
+    # token: every Ray port (GCS, dashboard, Jobs API) needs the token in state_dir/auth_token (0600), made at
+    # start; disabled: anyone who can reach the ports can run code (only for throwaway heads on a private box).
+    auth: str = "token"
     _own_temp_dir: bool = field(default=False, init=False, repr=False)
 
     @property
@@ -52,6 +64,21 @@ class RayHead:
     def gcs_address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def token_path(self) -> Path:
+        return Path(self.state_dir) / "auth_token"
+
+    def client_env(self) -> dict[str, str]:
+        """What a client (job submission, ``ray.init``) needs in its environment to talk to this head."""
+        if self.auth != "token":
+            return {"RAY_AUTH_MODE": "disabled"}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+
+    def _auth_headers(self) -> dict[str, str]:
+        if self.auth != "token":
+            return {}
+        return {"Authorization": f"Bearer {self.token_path.read_text().strip()}"}
+
     def env(self) -> dict[str, str]:
         """Environment of the head (and so of its jobs): venv first on PATH, loopback-only Ray settings."""
         env = dict(os.environ)
@@ -59,6 +86,8 @@ class RayHead:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env.setdefault("OMP_NUM_THREADS", "1")
         env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_AUTH_TOKEN", None)  # the head reads its token from its own file, never from the caller
+        env.update(self.client_env())
         return env
 
     def start(self) -> RayHead:
@@ -66,6 +95,8 @@ class RayHead:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if (self.state_dir / "head.json").exists():
             raise ServiceError(f"a Ray head was already started from {self.state_dir}: stop it first")
+        if self.auth == "token":
+            write_private(self.token_path, secrets.token_hex(32))
         self.port = self.port or free_port()
         self.dashboard_port = self.dashboard_port or free_port()
         # Short path: Ray's unix sockets live under it and socket paths are limited to ~107 bytes.
@@ -107,6 +138,8 @@ class RayHead:
                 {
                     "pid": self.pid,
                     "pid_start": process_start_time(self.pid),
+                    "auth": self.auth,
+                    "token_path": str(self.token_path) if self.auth == "token" else None,
                     "gcs_address": self.gcs_address,
                     "dashboard_url": self.dashboard_url,
                     "temp_dir": self.temp_dir,
@@ -124,7 +157,10 @@ class RayHead:
                 raise ServiceError(f"ray start exited with code {proc.returncode}; log tail:\n{tail}")
             try:
                 # The Jobs API answering means the dashboard head and its job manager are up.
-                with urllib.request.urlopen(f"{self.dashboard_url}/api/jobs/", timeout=2) as resp:
+                request = urllib.request.Request(
+                    f"{self.dashboard_url}/api/jobs/", headers=self._auth_headers()
+                )
+                with urllib.request.urlopen(request, timeout=2) as resp:
                     if resp.status == 200:
                         return
             except OSError as err:
@@ -171,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"# Ray head running, pid {head.pid}; jobs: python -m launch.ray_submit --address {head.dashboard_url}"
         )
-        print(f"export RAY_ADDRESS={head.gcs_address}")
-        print(f"export RAY_DASHBOARD_URL={head.dashboard_url}")
+        print(export_lines({"RAY_ADDRESS": head.gcs_address, "RAY_DASHBOARD_URL": head.dashboard_url,
+                            **head.client_env()}), end="")  # fmt: skip
         return 0
     info_path = state / "head.json"
     if not info_path.exists():

@@ -78,8 +78,8 @@ def prepare_config(config: str | None, overrides: list[str], use_gpu: bool):
 
 
 def train_worker(config: dict) -> None:
-    """Body of each Ray Train worker: the process group exists already (TorchTrainer made it)."""
-    os.environ.update(config["env"])
+    """Body of each Ray Train worker: the process group exists already (TorchTrainer made it); its environment
+    (store credentials, threads) came with the job's runtime environment."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pretrain.engine import run
 
@@ -88,20 +88,36 @@ def train_worker(config: dict) -> None:
         raise RuntimeError(f"training ended with status {status}")
 
 
-def build_trainer(cfg, num_workers: int, use_gpu: bool, cpus_per_worker: float, max_failures: int):
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def worker_env(use_gpu: bool, cpus_per_worker: float) -> dict[str, str]:
+    """The environment the ranks need, credentials included: it travels in the job's runtime environment
+    (``ray.init(runtime_env=...)``), never in the trainer's config, which Ray records and shows."""
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
     env.setdefault("OMP_NUM_THREADS", str(max(1, int(cpus_per_worker))))
     if not use_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def _not_in_job_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` less what a submitted job's own runtime environment already sets (Ray refuses to merge two
+    runtime environments that set one variable; the job's value is this process's anyway)."""
+    import json
+
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    taken = ((job.get("runtime_env") or {}).get("env_vars") or {}).keys()
+    return {k: v for k, v in env.items() if k not in taken}
+
+
+def build_trainer(cfg, num_workers: int, use_gpu: bool, cpus_per_worker: float, max_failures: int):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg, "env": env},
+        train_loop_config={"cfg": cfg},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=1800),
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -148,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     import ray
 
-    ray.init(address=args.address, logging_level="WARNING")
+    ray.init(
+        address=args.address,
+        logging_level="WARNING",
+        runtime_env={"env_vars": _not_in_job_env(worker_env(args.use_gpu, args.cpus_per_worker))},
+    )
     try:
         resources = ray.cluster_resources()
         need = {

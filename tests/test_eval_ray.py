@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -128,7 +130,7 @@ def test_infeasible_gpu_request_times_out(inputs, local_ray):
 
 
 @pytest.mark.integration
-def test_real_head_runs_eval_job(inputs, tmp_path):
+def test_real_head_runs_eval_job(inputs, tmp_path, monkeypatch):
     """A real `ray start --head` on loopback receives `python -m eval` through the Jobs API."""
     from common.ray_jobs import submit_and_wait
     from launch.ray_head import RayHead
@@ -152,6 +154,13 @@ def test_real_head_runs_eval_job(inputs, tmp_path):
     head = RayHead(tmp_path / "head", num_cpus=2)
     with head:
         pid = head.pid
+        # token auth by default: without the token the Jobs API refuses, with it the job runs
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{head.dashboard_url}/api/jobs/", timeout=5)
+        assert refused.value.code == 401
+        assert (head.token_path.stat().st_mode & 0o777) == 0o600
+        for key, value in head.client_env().items():
+            monkeypatch.setenv(key, value)
         failing = ["python", "-c", "import sys; print('about to fail'); sys.exit(3)"]
         assert (
             submit_and_wait(head.dashboard_url, failing, working_dir=None, timeout_s=60, poll_s=0.5, out=log)

@@ -56,6 +56,8 @@ def test_ray_job_trains_checkpoints_and_is_scraped(tmp_path, monkeypatch):
         PrometheusServer(tmp_path / "prom", scrape_interval_s=1) as prom,
         RayHead(tmp_path / "head", num_cpus=2) as head,
     ):
+        for key, value in head.client_env().items():  # the head requires its token
+            monkeypatch.setenv(key, value)
         targets = tmp_path / "prom" / "targets"
         entry = ["python", "-m", "launch.ray_pretrain", "--config", SMOKE, "--num-workers", "2", *TINY,
                  f"data.url={data}", f"run_dir={run_dir}", "max_steps=8", "checkpoint_every=4", "log_every=2",
@@ -97,3 +99,17 @@ def test_gpu_cluster_yaml_passes_ray_schema():
     config = yaml.safe_load((REPO / "launch/cluster/gpu_cluster.yaml").read_text())
     validate_config(prepare_config(config))
     assert "launch.ray_pretrain" in (REPO / "launch/cluster/gpu_cluster.yaml").read_text()
+
+
+def test_credentials_travel_in_the_runtime_env_not_the_trainer_config(tmp_path, monkeypatch):
+    """Ray records and shows a trainer's config; the store secret must not be in it."""
+    from launch.ray_pretrain import build_trainer, prepare_config, worker_env
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id")
+    cfg = prepare_config(SMOKE, [f"run_dir={tmp_path / 'r'}", "data.url=s3://b/clips"], use_gpu=False)
+    trainer = build_trainer(cfg, num_workers=2, use_gpu=False, cpus_per_worker=1.0, max_failures=0)
+    assert set(trainer.train_loop_config) == {"cfg"}
+    assert "s3cret-value" not in repr(trainer.train_loop_config)
+    env = worker_env(use_gpu=False, cpus_per_worker=1.0)
+    assert env["AWS_SECRET_ACCESS_KEY"] == "s3cret-value" and env["DS_ACCELERATOR"] == "cpu"
