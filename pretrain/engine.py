@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from common.configio import save_config
-from pretrain import distributed, fault_injection, preflight
+from pretrain import distributed, fault_injection, preflight, sweep
 from pretrain.checkpoint import Checkpointer, StopSignal
 from pretrain.collapse import CollapseDetector
 from pretrain.config import PretrainConfig, resolve_global_batch
@@ -79,6 +79,8 @@ class Trainer:
             raise RuntimeError(
                 "config key 'device': cuda requested but CUDA is not available; use device=cpu"
             )
+        if distributed.get_local_rank() == 0:  # one rank per machine: buffers of runs killed before
+            sweep.sweep_shm_buffers()
         info = distributed.init_distributed("nccl" if want_cuda else "gloo", timeout_s=cfg.dist_timeout_s)
         if info.backend == "none":
             # DeepSpeed insists on a process group even for one process; a plain `python` start gets a
@@ -294,6 +296,7 @@ class Trainer:
         # Collective: every rank's host:port -> rank 0 writes metrics.file_sd_dir/RUN.json (None elsewhere).
         self._metrics_sd = publish_targets(self.metrics, True)
         if self._metrics_sd is not None:
+            sweep.sweep_file_sd(self._metrics_sd.parent, keep=self._metrics_sd)  # targets of killed runs
             log.info("metrics: exporters listed in %s", self._metrics_sd)
 
     def _sync_counters(self) -> None:
