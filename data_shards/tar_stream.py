@@ -144,8 +144,24 @@ def iter_members(stream: BinaryIO, max_member_bytes: int = MAX_MEMBER_BYTES) -> 
     elif head.startswith(OTHER_COMPRESSION):
         yield from _iter_with_tarfile(source, max_member_bytes)
         return
+    for name, _offset, data in _walk(source, max_member_bytes):
+        yield name, data
+
+
+def member_offsets(
+    stream: BinaryIO, max_member_bytes: int = MAX_MEMBER_BYTES
+) -> Iterator[tuple[str, int, int]]:
+    """(name, payload offset, size) of every regular file of an uncompressed tar, in archive order (what a
+    random-access index such as DALI's needs)."""
+    for name, offset, data in _walk(stream, max_member_bytes):
+        yield name, offset, len(data)
+
+
+def _walk(source: BinaryIO, max_member_bytes: int) -> Iterator[tuple[str, int, bytes]]:
+    """(name, payload offset in the uncompressed archive, data) of every regular file."""
     pax: dict[str, str] = {}
     long_name: str | None = None
+    position = 0
     while True:
         header = source.read(BLOCK)
         if not header:
@@ -160,6 +176,8 @@ def iter_members(stream: BinaryIO, max_member_bytes: int = MAX_MEMBER_BYTES) -> 
             return
         if not _checksum_ok(header):
             raise TarFormatError("bad tar header checksum (not a tar archive, or corrupted)")
+        position += BLOCK
+        offset = position
         size = _number(header[124:136])
         kind = header[156:157]
         if "size" in pax:
@@ -178,6 +196,7 @@ def iter_members(stream: BinaryIO, max_member_bytes: int = MAX_MEMBER_BYTES) -> 
             data = _read_exactly(source, padded, "a member")[:size] if padded else b""
         except EOFError as err:
             raise TruncatedMember(name, f"member {name}: {err}") from err
+        position += padded
         if kind in (b"x", b"X"):
             pax = _pax_records(data)
             continue
@@ -188,7 +207,7 @@ def iter_members(stream: BinaryIO, max_member_bytes: int = MAX_MEMBER_BYTES) -> 
         if kind in (b"g", b"K"):
             continue
         if kind in REGULAR:
-            yield name, data
+            yield name, offset, data
 
 
 def _iter_with_tarfile(source: BinaryIO, max_member_bytes: int) -> Iterator[tuple[str, bytes]]:
