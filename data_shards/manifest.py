@@ -1,7 +1,10 @@
 """The ``manifest.json`` of a shard dataset: its schema, construction and checks.
 
 The manifest is written last and is the commit point of a dataset: a folder/prefix without one is
-incomplete. Shard names are relative to the dataset URL.
+incomplete. Shard names are relative to the dataset URL and are whatever the manifest lists: readers never
+derive them. :class:`data_shards.write.ShardWriter` names a write's shards ``shard-NNNNNN.tar`` when it could
+claim those names (a fresh prefix), else ``shard-<write_id>-NNNNNN.tar``, so two writes never share a shard
+name; the manifest's ``write_id`` says which write it commits (absent in manifests of older writers).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ class ShardEntry:
     sha256: str
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
+def shard_name(index: int, tag: str | None = None) -> str:
+    """``shard-000012.tar``, or ``shard-<tag>-000012.tar`` for a write that could not claim the plain names."""
+    return f"shard-{index:06d}.tar" if tag is None else f"shard-{tag}-{index:06d}.tar"
 
 
 def build_manifest(
@@ -41,8 +45,9 @@ def build_manifest(
     shards: list[ShardEntry],
     identities: int,
     skipped: dict[str, int],
+    write_id: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "split": split,
@@ -58,6 +63,9 @@ def build_manifest(
         },
         "skipped": dict(sorted(skipped.items())),
     }
+    if write_id is not None:
+        manifest["write_id"] = write_id  # the write this manifest commits (its shards carry it unless plain)
+    return manifest
 
 
 def validate_manifest(manifest: Any, url: str) -> dict[str, Any]:

@@ -10,12 +10,26 @@ a missing shard) are raised, since they have their own retry path. Bounds: a mem
 ``tar_stream.MAX_MEMBER_BYTES`` (checked before reading), a sample at most :data:`MAX_SAMPLE_BYTES` and
 :data:`MAX_SAMPLE_MEMBERS` members, a JSON at most :data:`MAX_JSON_BYTES`, a landmarks array is checked from its
 .npy header before it is loaded, and frame numbers have at most 9 digits. A reader thus never holds more than
-about one sample's bytes (<= 1 GiB) however hostile the shard.
+about one sample's bytes (<= 1 GiB) however hostile the shard (plus, when checking a shard's sha256, the shard
+itself if it is at most :data:`VERIFY_BUFFER_BYTES`: see below).
+
+**sha256.** Given the manifest's ``sha256`` of a shard, :func:`iter_samples` checks it in the same pass (the
+bytes read once from storage are hashed; no second read). A shard of at most :data:`VERIFY_BUFFER_BYTES` is read
+whole into memory first and hashed in one call, so a mismatch is known before any of its samples is yielded and
+none is used; a larger shard is streamed, hashed below the tar parser (one ``update`` per 1 MiB buffer fill), and
+its samples are yielded as they are parsed, so when the end of the shard shows a mismatch they have already been
+handed out (streaming cannot know earlier without holding the whole shard). Either way the mismatch is counted
+(``sha256_mismatch``), logged with the shard and the fix, and :class:`ShardIntegrityError` is raised at the end
+of the shard so the caller (the training stream) can treat the shard as unreadable from then on. A small
+mismatching shard is still parsed (its samples dropped) so that the faults inside it are counted by their own
+reasons too (``truncated_tar``, ``bad_json``, ...). Without a ``sha256`` nothing is hashed.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import inspect
 import io
 import json
 import logging
@@ -44,7 +58,22 @@ MAX_JSON_BYTES = 16 << 20
 LANDMARKS_MEMBER = "landmarks.npy"
 # SynthFace's exact landmarks (evaluation labels; training reads the detector-like ones above and never these).
 EXACT_LANDMARKS_MEMBER = "landmarks_exact.npy"
+# Shards up to this size are read whole and their sha256 checked before any sample is yielded (larger: streamed).
+VERIFY_BUFFER_BYTES = 64 << 20
+HASH_BUFFER_BYTES = 1 << 20  # bytes hashed per update while streaming
 SkipHandler = Callable[[str, str], None]
+
+
+class ShardIntegrityError(ValueError):
+    """A shard's bytes do not hash to the sha256 its manifest lists: it is not the shard the manifest describes
+    (overwritten by another writer, or corrupted). Raised at the end of the shard, after counting it.
+
+    Not an ``OSError``: a retry would read the same bytes, so store-retry wrappers pass it through."""
+
+    def __init__(self, url: str, expected: str, actual: str, samples_yielded: int) -> None:
+        super().__init__(f"{url}: sha256 {actual} does not match the manifest's {expected}")
+        self.url, self.expected, self.actual = url, expected, actual
+        self.samples_yielded = samples_yielded
 
 
 class SkipCounter:
@@ -240,15 +269,155 @@ def _finish(
     return _sample_from_parts(key, parts, handler, where)
 
 
-def iter_samples(shard_url: str, handler: SkipHandler | None = None) -> Iterator[dict[str, Any]]:
+class _HashingRaw(io.RawIOBase):
+    """Raw reader over ``raw`` that hashes (sha256) and counts every byte read through it."""
+
+    def __init__(self, raw, already: bytes = b"") -> None:
+        super().__init__()
+        self.raw = raw
+        self.digest = hashlib.sha256(already)
+        self.size = len(already)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if hasattr(self.raw, "readinto"):
+            n = self.raw.readinto(buffer) or 0
+        else:
+            data = self.raw.read(len(buffer))
+            n = len(data)
+            buffer[:n] = data
+        if n:
+            self.digest.update(memoryview(buffer)[:n])
+            self.size += n
+        return n
+
+
+class HashedStream:
+    """A buffered binary reader over ``raw`` that computes the sha256 of every byte it reads from ``raw``.
+
+    Hashing sits below the buffer, so the tar parser's many small reads cost no extra hashing calls: the digest
+    is updated once per buffer fill (or once per large read). :meth:`drain` reads the rest, e.g. tar padding
+    after the end-of-archive blocks, so :meth:`hexdigest` covers the whole file. ``already``: bytes of the same
+    file read from ``raw`` before (the digest starts with them).
+    """
+
+    def __init__(self, raw, buffer_size: int = HASH_BUFFER_BYTES, already: bytes = b"") -> None:
+        self._raw = _HashingRaw(raw, already)
+        self._buffered = io.BufferedReader(self._raw, buffer_size)
+        self.read = self._buffered.read
+
+    def drain(self) -> None:
+        while self._buffered.read(4 * HASH_BUFFER_BYTES):
+            pass
+
+    @property
+    def size(self) -> int:
+        """Bytes read from ``raw`` so far."""
+        return self._raw.size
+
+    def hexdigest(self) -> str:
+        """sha256 of the bytes read from ``raw`` so far."""
+        return self._raw.digest.hexdigest()
+
+
+class _Chain:
+    """Reads ``first`` to its end, then ``second``."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+
+    def read(self, size: int = -1) -> bytes:
+        if self.first is None:
+            return self.second.read(size)
+        data = self.first.read(size)
+        if size < 0 or len(data) < size:
+            self.first = None  # drop the buffered head as soon as it is used up
+            rest = self.second.read(size if size < 0 else size - len(data))
+            data = data + rest if data else rest
+        return data
+
+
+def accepts_sha256(read: Callable[..., Any]) -> bool:
+    """Whether the shard reader ``read`` takes a ``sha256=`` keyword (as :func:`iter_samples` does)."""
+    try:
+        params = inspect.signature(read).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "sha256" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _dataset_of(shard_url: str) -> str:
+    return shard_url.rstrip("/").rsplit("/", 1)[0] if "/" in shard_url else "."
+
+
+def _mismatch(shard_url: str, expected: str, actual: str, yielded: int, handler: SkipHandler) -> None:
+    used = (
+        f"the {yielded} samples streamed from it before the check were already used"
+        if yielded
+        else "none of its samples was used"
+    )
+    handler(
+        "sha256_mismatch",
+        f"{shard_url}: sha256 {actual[:16]}... does not match the manifest's {expected[:16]}...: this shard is "
+        f"not the one the manifest describes (overwritten by another writer, or corrupted); {used}, and it is "
+        f"treated as unreadable. Fix: re-write the dataset, or find every bad shard with "
+        f"`python -m data_shards verify {_dataset_of(shard_url)}`",
+    )
+    raise ShardIntegrityError(shard_url, expected, actual, yielded)
+
+
+def _iter_verified(stream, shard_url: str, handler: SkipHandler, sha256: str) -> Iterator[dict[str, Any]]:
+    chunks, held = [], 0
+    while held <= VERIFY_BUFFER_BYTES:  # in 1 MiB reads: no up-front VERIFY_BUFFER_BYTES allocation per shard
+        chunk = stream.read(HASH_BUFFER_BYTES)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        held += len(chunk)
+    head = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    del chunks
+    if len(head) <= VERIFY_BUFFER_BYTES:  # the whole shard: check it before yielding anything
+        actual = hashlib.sha256(head).hexdigest()
+        if actual != sha256:
+            # Parsed all the same, only so that what is wrong inside it is counted too (truncated_tar, bad_json...):
+            # none of its samples is yielded.
+            for _ in iter_tar_samples(io.BytesIO(head), shard_url, handler):
+                pass
+            _mismatch(shard_url, sha256, actual, 0, handler)
+        yield from iter_tar_samples(io.BytesIO(head), shard_url, handler)
+        return
+    hashed = HashedStream(stream, already=head)
+    source = _Chain(io.BytesIO(head), hashed)
+    del head
+    yielded = 0
+    for sample in iter_tar_samples(source, shard_url, handler):
+        yielded += 1
+        yield sample
+    hashed.drain()  # the tar's end padding, or whatever follows a truncated archive
+    actual = hashed.hexdigest()
+    if actual != sha256:
+        _mismatch(shard_url, sha256, actual, yielded, handler)
+
+
+def iter_samples(
+    shard_url: str, handler: SkipHandler | None = None, sha256: str | None = None
+) -> Iterator[dict[str, Any]]:
     """Samples of one shard: ``dict(key, frames=[jpeg...], meta)`` (clips) or ``dict(key, jpeg, meta)``.
 
     ``handler(reason, detail)`` is told about each skip (default: the process-wide :data:`SKIPPED`).
     Storage errors (credentials, unreachable store, missing shard) are raised, not skipped.
+    ``sha256`` (the manifest's, for this shard): check the shard's bytes against it while reading; a mismatch is
+    counted (``sha256_mismatch``) and raises :class:`ShardIntegrityError` at the end of the shard (see the
+    module docstring for which samples are yielded first).
     """
     handler = handler or SKIPPED
     with store.open_url(shard_url, "rb") as stream:
-        yield from iter_tar_samples(stream, shard_url, handler)
+        if sha256:
+            yield from _iter_verified(stream, shard_url, handler, sha256)
+        else:
+            yield from iter_tar_samples(stream, shard_url, handler)
 
 
 def iter_dataset(url: str, handler: SkipHandler | None = None) -> Iterator[dict[str, Any]]:

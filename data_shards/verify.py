@@ -1,11 +1,13 @@
 """Check a shard dataset against its manifest: sizes, checksums, sample counts and sample contents.
 
-One streaming pass per shard: the bytes are hashed while the tar is parsed, so a 1 GB shard is read once.
+One streaming pass per shard: the bytes are hashed while the tar is parsed (:class:`data_shards.read.HashedStream`,
+the same hashing the training reader does with ``data.verify_sha256``), so a 1 GB shard is read once. A shard whose
+sha256 differs from the manifest's is reported whatever its samples look like: it is not the shard the manifest
+describes (overwritten by another writer, or corrupted), and the fix is to re-write the dataset.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from data_shards import store
-from data_shards.read import iter_tar_samples, read_manifest
+from data_shards.read import HashedStream, iter_tar_samples, read_manifest
 
 
 @dataclass
@@ -48,25 +50,6 @@ class VerifyReport:
             f"{len(self.problems)} problems in {len(self.bad_shards)} shards"
         )
         return "\n".join([head, *(f"  BAD {p}" for p in self.problems)])
-
-
-class _HashingReader:
-    """Reads through ``raw`` while hashing and counting every byte."""
-
-    def __init__(self, raw) -> None:
-        self.raw = raw
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.digest.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(4 * 2**20):
-            pass
 
 
 def _decodes(jpeg: bytes) -> str | None:
@@ -133,7 +116,7 @@ def verify_shard(shard_url: str, entry: dict[str, Any], kind: str, report: Verif
     samples = frames = 0
     try:
         with store.open_url(shard_url, "rb") as raw:
-            reader = _HashingReader(raw)
+            reader = HashedStream(raw)
             for sample in iter_tar_samples(reader, name, record):
                 samples += 1
                 frames += len(sample.get("frames", [])) if kind == "clips" else 1
@@ -146,9 +129,14 @@ def verify_shard(shard_url: str, entry: dict[str, Any], kind: str, report: Verif
     report.samples_checked += samples
     if reader.size != entry["bytes"]:
         report.problems.append(Problem(name, None, f"size {reader.size} bytes != manifest {entry['bytes']}"))
-    if reader.digest.hexdigest() != entry["sha256"]:
+    if reader.hexdigest() != entry["sha256"]:
         report.problems.append(
-            Problem(name, None, "sha256 does not match the manifest (corrupted or replaced)")
+            Problem(
+                name,
+                None,
+                "sha256 does not match the manifest (corrupted or replaced by another writer): re-write the "
+                "dataset",
+            )
         )
     if samples != entry["samples"]:
         report.problems.append(

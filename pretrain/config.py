@@ -42,6 +42,7 @@ class DataConfig(StreamConfig):
     pipeline: Pipeline = "torch"  # torch: batched ops; dali: DALI decode+augment; torchvision: DataLoader
     shapes: Literal["auto", "static", "dynamic"] = "auto"  # device work: static = no host syncs (auto: CUDA)
     finish_in: Literal["auto", "workers", "trainer"] = "auto"  # device work: auto = CPU workers, GPU trainer
+    verify_sha256: bool = True  # check shard bytes against the manifest sha256 while streaming
 
     def validate(self) -> None:
         super().validate()

@@ -36,6 +36,21 @@ can record ``consumed[w] = last __seq__ + 1`` and build the state with :meth:`Cl
 
 **Input.** The shard list and per-shard counts come from an opened :class:`pretrain.dataset.Dataset`
 (:meth:`ClipStream.from_dataset`): the stream never reads the manifest itself.
+
+**Integrity** (``data.verify_sha256``, on by default). The stream hands each shard's manifest sha256 to the shard
+reader (``read_shard(url, sha256=...)``, when the reader takes that keyword, as
+:func:`data_shards.read.iter_samples` and :func:`pretrain.pipelines.clips.resilient_reader` do), which hashes the
+bytes as they stream and, at the end of the shard, counts a mismatch (``sha256_mismatch``) and raises
+:class:`data_shards.read.ShardIntegrityError`. The stream then treats the shard like an unreadable one: its
+remaining slots are filled from the lane's next shards (``unreadable_shard``), and for the rest of the run this
+stream (each rank and loader worker has its own) does not read the shard again (:attr:`ClipStream.bad_shards`; a
+resumed run finds it again when it reads it). Samples
+already taken from it are kept: shards up to :data:`data_shards.read.VERIFY_BUFFER_BYTES` are checked before
+their first sample is yielded, so none of theirs is used; a bigger shard is streamed and only found out at its
+end, when its samples are already in the shuffle buffer or in a batch (streaming cannot know earlier without
+holding the whole shard). After the last sample the manifest lists, the stream reads the shard to its end so the
+check runs (for the lane's last shard, as soon as the lane's last input is read); a shard the lane stops inside
+(``equalize=drop``, or the partial re-read of a resume) is not checked in that pass. Datasets without a manifest (brace-expanded URLs) carry no sha256 and are not checked.
 """
 
 from __future__ import annotations
@@ -51,6 +66,7 @@ import numpy as np
 import torch.utils.data
 
 from common.errors import ConfigError, UserError
+from data_shards.read import ShardIntegrityError
 from pretrain.dataset import Dataset
 
 Sample = dict[str, Any]
@@ -139,39 +155,60 @@ class _KeySchedule:
 class _LaneReader:
     """Materialises keys: reads the lane's shards in plan order, keeping read-but-unemitted samples."""
 
-    def __init__(self, urls: list[str], counts: list[int], read_shard: ShardReader, counters: Counter):
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int],
+        read_shard: ShardReader,
+        counters: Counter,
+        bad_shards: set[str] | None = None,
+        verifying: bool = False,
+    ):
         self.urls, self.counts = urls, counts  # both indexed by plan position modulo the plan length
         super().__init__()
         self.read_shard = read_shard
         self.counters = counters
+        self.bad_shards = bad_shards if bad_shards is not None else set()  # failed their sha256 check
+        self.verifying = verifying  # read_shard checks sha256: read each shard to its end
         self.cache: dict[Key, Sample] = {}
         self._seq: Iterator[tuple[Key, Sample]] | None = None
+        self._current: Iterator[tuple[int, Sample]] | None = None  # the shard _seq is reading
+        self._current_complete = False  # it has yielded the manifest's count of samples
+        self.final_input: Key | None = None  # the lane's last input: once read, its shard is finished
+
+    def _open(self, url: str) -> Iterator[Sample]:
+        if url in self.bad_shards:
+            return iter(())  # known not to be the shard its manifest describes: read like an unreadable one
+        return iter(self.read_shard(url))
 
     def _shard(self, j: int, start: int) -> Iterator[tuple[int, Sample]]:
         """(index, sample) for indices start..count-1 of plan position j; short shards repeat themselves."""
         url = self.urls[j % len(self.urls)]
         expected = self.counts[j % len(self.counts)]
-        it = iter(self.read_shard(url))
+        it = self._open(url)
         idx = got_since_open = substitute = 0
         reopened = False
         while idx < expected:
             try:
                 sample = next(it)
-            except StopIteration:
-                if got_since_open == 0:
-                    # Unreadable (e.g. corrupt from its first byte): fill its slots from the lane's next
-                    # shards, deterministically, so every lane keeps its length. Fatal only if none reads.
+            except (StopIteration, ShardIntegrityError) as end:
+                if isinstance(end, ShardIntegrityError):
+                    self.bad_shards.add(url)  # counted (sha256_mismatch) and logged by the reader
+                if got_since_open == 0 or url in self.bad_shards:
+                    # Unreadable (e.g. corrupt from its first byte) or not the shard the manifest describes (its
+                    # sha256): fill its remaining slots from the lane's next shards, deterministically, so every
+                    # lane keeps its length. Fatal only if none reads.
                     substitute += 1
                     if substitute >= len(self.urls):
                         raise StreamError(
-                            f"shard '{url}' yielded no samples but its manifest lists {expected}, and no "
-                            "other shard of this lane could be read: check the dataset with "
-                            "`python -m data_shards verify` and rewrite or remove the bad shards"
+                            f"shard '{url}' yielded no usable samples but its manifest lists {expected}, and no "
+                            "other shard of this lane could be read or passed its sha256 check: check the "
+                            "dataset with `python -m data_shards verify` and rewrite it or remove the bad shards"
                         ) from None
                     if substitute == 1:
                         self.counters["unreadable_shard"] += 1
                     url = self.urls[(j + substitute) % len(self.urls)]
-                    it = iter(self.read_shard(url))
+                    it, got_since_open = self._open(url), 0
                     continue
                 if not reopened:  # count the shortfall once; index i then maps to sample i mod actual
                     self.counters["short_shard_repeats"] += expected - idx
@@ -180,12 +217,22 @@ class _LaneReader:
                 continue
             got_since_open += 1
             if idx >= start:
+                self._current_complete = idx + 1 >= expected
                 yield idx, sample
             idx += 1
+        if self.verifying and not reopened and url not in self.bad_shards:
+            # The manifest's count is reached: read on to the end of the shard so its sha256 is checked (any
+            # extra samples, which a shard matching its manifest does not have, are dropped).
+            try:
+                for _ in it:
+                    pass
+            except ShardIntegrityError:
+                self.bad_shards.add(url)
 
     def _sequential(self, j: int, i: int) -> Iterator[tuple[Key, Sample]]:
         while True:
-            for idx, sample in self._shard(j, i):
+            self._current, self._current_complete = self._shard(j, i), False
+            for idx, sample in self._current:
                 yield (j, idx), sample
             j, i = j + 1, 0
 
@@ -208,6 +255,9 @@ class _LaneReader:
         while key not in self.cache:
             k, sample = next(self._seq)
             self.cache[k] = sample
+            if k == self.final_input and self.verifying and self._current_complete:
+                # Nothing more is read in this lane: finish the shard now so its sha256 is checked too.
+                next(self._current, None)
         return self.cache.pop(key)
 
 
@@ -231,9 +281,12 @@ class ClipStream(torch.utils.data.IterableDataset):
         equalize: Literal["drop", "repeat"] = "drop",
         resampled: bool = False,
         read_shard: ShardReader | None = None,
+        shard_sha256: list[str] | None = None,
     ):
         if len(shard_urls) != len(sample_counts):
             raise ValueError("shard_urls and sample_counts must have the same length")
+        if shard_sha256 is not None and len(shard_sha256) != len(shard_urls):
+            raise ValueError("shard_sha256 must list one digest per shard URL")
         if not shard_urls:
             raise StreamError("the dataset has no shards: check data.url (it must hold manifest.json)")
         if not 0 <= rank < world_size or num_workers < 1:
@@ -254,6 +307,9 @@ class ClipStream(torch.utils.data.IterableDataset):
         self.equalize, self.resampled = equalize, resampled
         super().__init__()
         self.read_shard = read_shard
+        # The manifest's sha256 per shard ("" or None: unchecked); each is checked while the shard streams.
+        self.shard_sha256 = list(shard_sha256) if shard_sha256 is not None else None
+        self.bad_shards: set[str] = set()  # shard URLs whose sha256 did not match: not read again this run
         self.counters: Counter[str] = Counter()
         self.epoch = 0
         self.consumed = [0] * num_workers
@@ -268,10 +324,15 @@ class ClipStream(torch.utils.data.IterableDataset):
         num_workers: int = 1,
         read_shard: ShardReader | None = None,
     ) -> ClipStream:
-        """The stream of an opened dataset (its shard list and manifest counts) with the ``data.*`` settings."""
+        """The stream of an opened dataset (its shard list and manifest counts) with the ``data.*`` settings.
+
+        With ``data.verify_sha256`` (default on) and a manifest, each shard is checked against its sha256."""
+        digests = None
+        if getattr(cfg, "verify_sha256", True) and dataset.manifest is not None:
+            digests = [str(s.get("sha256") or "") for s in dataset.manifest["shards"]]
         return cls(
             list(dataset.shard_urls), list(dataset.sample_counts), rank, world_size, num_workers, cfg.seed,
-            cfg.shuffle_buffer, cfg.equalize, cfg.resampled, read_shard,
+            cfg.shuffle_buffer, cfg.equalize, cfg.resampled, read_shard, digests,
         )  # fmt: skip
 
     # ---- the per-epoch plan (pure functions of seed, epoch, rank, worker) ----
@@ -317,7 +378,11 @@ class ClipStream(torch.utils.data.IterableDataset):
         keys = iter(schedule)
         for _ in range(skip):  # replay the buffer's decisions without reading anything
             next(keys)
-        reader = _LaneReader([self.shard_urls[s] for s in plan], counts, self._reader(), self.counters)
+        read, verifying = self._checked_reader()
+        reader = _LaneReader(
+            [self.shard_urls[s] for s in plan], counts, read, self.counters, self.bad_shards, verifying
+        )
+        reader.final_input = schedule.input_key(quota - 1) if quota > 0 else None
         reader.start(schedule.input_key(schedule.consumed_inputs), list(schedule.pending))
         for seq, key in enumerate(keys, start=skip):
             sample = dict(reader.get(key))
@@ -330,6 +395,21 @@ class ClipStream(torch.utils.data.IterableDataset):
 
             self.read_shard = iter_samples
         return self.read_shard
+
+    def _checked_reader(self) -> tuple[ShardReader, bool]:
+        """``url -> samples`` passing each shard's manifest sha256 to the reader; (reader, whether it checks)."""
+        from data_shards.read import accepts_sha256
+
+        read = self._reader()
+        if not self.shard_sha256 or not any(self.shard_sha256) or not accepts_sha256(read):
+            return read, False
+        digests = dict(zip(self.shard_urls, self.shard_sha256))
+
+        def read_checked(url: str) -> Iterator[Sample]:
+            digest = digests.get(url)
+            return read(url, sha256=digest) if digest else read(url)
+
+        return read_checked, True
 
     # ---- iteration ----
     def set_epoch(self, epoch: int) -> None:

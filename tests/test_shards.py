@@ -109,6 +109,11 @@ def test_clips_roundtrip_on_real_store(s3_env):
         "shard-000001.tar",
         "shard-000002.tar",
     ]
+    # A rewrite gets its own shard names, commits, then removes the version it replaced.
+    again = write_clips(url)
+    write_id = read_manifest(url)["write_id"]
+    check_roundtrip(url, again)
+    assert store.list_dir(url) == ["manifest.json", *(f"shard-{write_id}-{i:06d}.tar" for i in range(3))]
 
 
 def test_frames_roundtrip_and_byte_limit(tmp_path):
@@ -127,27 +132,31 @@ def test_frames_roundtrip_and_byte_limit(tmp_path):
     assert "jpeg" in samples[0] and "frames" not in samples[0]
 
 
-def test_crash_mid_write_leaves_no_manifest(tmp_path):
+def test_crash_mid_write_leaves_no_manifest_and_removes_its_shards(tmp_path):
     url = str(tmp_path / "crashed")
     rng = np.random.default_rng(2)
     with pytest.raises(RuntimeError, match="generator died"):
         with ShardWriter(url, "clips", "pretrain", {}, max_samples=1) as writer:
             writer.write_clip(make_clip(0, [0, 1], rng))
             writer.write_clip(make_clip(1, [0, 1], rng))  # publishes shard 0
+            assert (Path(url) / "shard-000000.tar").stat().st_size > 0
             raise RuntimeError("generator died")
-    assert (Path(url) / "shard-000000.tar").exists()
     assert not (Path(url) / "manifest.json").exists()
+    assert not list(Path(url).glob("shard-*"))  # nothing references them: removed on abort
     with pytest.raises(ManifestError, match="no manifest.json at .*incomplete or the path is wrong"):
         read_manifest(url)
 
 
-def test_rewrite_uncommits_the_old_manifest_first(tmp_path, monkeypatch):
+def test_a_failed_rewrite_keeps_the_old_version_committed(tmp_path):
     url = str(tmp_path / "again")
-    write_clips(url, n=2)
+    clips = write_clips(url)
     with pytest.raises(RuntimeError):
-        with ShardWriter(url, "clips", "pretrain", {}):
+        with ShardWriter(url, "clips", "pretrain", {}, max_samples=1) as writer:
+            writer.write_clip(make_clip(9, [0, 1], np.random.default_rng(5)))
+            writer.write_clip(make_clip(10, [0, 1], np.random.default_rng(6)))  # publishes a shard
             raise RuntimeError("crash")
-    assert not (Path(url) / "manifest.json").exists()
+    check_roundtrip(url, clips)  # the old version: intact, committed, readable
+    assert sorted(p.name for p in Path(url).iterdir())[-1] == "shard-000002.tar"
 
 
 def test_writer_rejects_bad_keys_and_mismatched_frames(tmp_path):

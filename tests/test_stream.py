@@ -228,3 +228,67 @@ def test_config_validation():
 def test_an_empty_dataset_url_is_a_config_error():
     with pytest.raises(ConfigError, match="'data.url' is empty"):
         open_dataset(StreamConfig().url)
+
+
+class CheckedShards(FakeShards):
+    """FakeShards whose reader takes the manifest sha256 and fails shard ``bad`` at its end, the way
+    data_shards.read does: after yielding its samples (streamed) or before any (buffered)."""
+
+    def __init__(self, counts, bad: int, streamed: bool):
+        super().__init__(counts)
+        self.digests = [f"sha-{s}" for s in range(len(counts))]
+        self.bad_url, self.streamed = self.urls[bad], streamed
+        self.checked: Counter = Counter()
+
+    def __call__(self, url, sha256=None):
+        from data_shards.read import ShardIntegrityError
+
+        self.opened[url] += 1
+        if sha256 is not None:
+            self.checked[url] += 1
+        if url == self.bad_url and sha256 is not None and not self.streamed:
+            raise ShardIntegrityError(url, sha256, "other", 0)
+        yield from self.data[url]
+        if url == self.bad_url and sha256 is not None:
+            raise ShardIntegrityError(url, sha256, "other", len(self.data[url]))
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_shard_failing_its_sha256_is_replaced_and_not_read_again(streamed):
+    shards = CheckedShards([4] * 6, bad=2, streamed=streamed)
+    world = 2
+    streams = [
+        ClipStream(
+            shards.urls,
+            shards.counts,
+            rank=r,
+            world_size=world,
+            shuffle_buffer=3,
+            read_shard=shards,
+            shard_sha256=shards.digests,
+        )  # fmt: skip
+        for r in range(world)
+    ]
+    used = []  # (epoch, rank) that used samples of the bad shard
+    for epoch in range(4):
+        per_rank = [keys(s) for s in streams]
+        assert len({len(k) for k in per_rank}) == 1  # lanes stay equal: collectives never hang
+        used += [(epoch, r) for r, ks in enumerate(per_rank) if any(k.startswith("s2-") for k in ks)]
+    if streamed:  # used until a rank finds it out at the shard's end, then never again by that rank
+        assert used and len({r for _, r in used}) == len(used)
+    else:  # checked before its first sample: never used
+        assert not used
+    assert all(s.bad_shards <= {shards.bad_url} for s in streams) and any(s.bad_shards for s in streams)
+    # Found out at most once per rank (each rank remembers it), then never opened again.
+    assert 1 <= shards.opened[shards.bad_url] <= world
+    assert sum(s.counters["unreadable_shard"] for s in streams) >= 2
+    assert all(shards.checked[u] for u in shards.urls)  # every shard was handed its sha256
+
+
+def test_without_digests_or_with_a_reader_that_takes_none_nothing_is_checked():
+    shards = CheckedShards([4] * 4, bad=1, streamed=True)
+    plain = ClipStream(shards.urls, shards.counts, read_shard=shards)
+    assert len(keys(plain)) == 16 and not shards.checked and not plain.bad_shards
+    legacy = FakeShards([4] * 4)  # read_shard(url) only: the digests cannot be passed, the stream still works
+    stream = ClipStream(legacy.urls, legacy.counts, read_shard=legacy, shard_sha256=["x"] * 4)
+    assert len(keys(stream)) == 16

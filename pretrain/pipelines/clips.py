@@ -35,13 +35,20 @@ def resilient_reader(read, handler, sleep=time.sleep):
 
     A retry re-opens the shard and skips the samples already yielded (shards are read in a fixed order), so the
     stream sees each sample once. Translated user errors (:class:`StoreError`) and missing files are not retried.
+    ``read_shard(url, sha256=...)`` passes the manifest's sha256 on to ``read`` (when ``read`` takes it): a retry
+    hashes the re-read shard from its first byte, and a mismatch (:class:`data_shards.read.ShardIntegrityError`,
+    not an ``OSError``) is not retried but passed to the stream, which treats the shard as unreadable.
     """
+    from data_shards.read import accepts_sha256
 
-    def read_shard(url: str):
+    checks = accepts_sha256(read)
+
+    def read_shard(url: str, sha256: str | None = None):
+        kwargs = {"sha256": sha256} if sha256 and checks else {}
         done = attempt = 0
         while True:
             try:
-                for i, sample in enumerate(read(url, handler)):
+                for i, sample in enumerate(read(url, handler, **kwargs)):
                     if i < done:
                         continue
                     done += 1
@@ -203,3 +210,51 @@ class HostBatch:
     images: torch.Tensor | None = None  # decoded in the background: uint8 (N, 3, S, S)
     bad_rows: list[int] = field(default_factory=list)
     swap_p: float = 0.0  # FaceSwap probability for this batch
+
+
+def as_clip(sample: dict[str, Any]) -> dict[str, Any]:
+    """A ``frames`` sample (``{key, jpeg, meta}``: one image) as a one-frame clip; a clip sample unchanged.
+
+    The pipelines only know clips, so an image dataset is pretrained on as clips of one frame (SimCLR views of the
+    image, FaceSwap, MaskFN; TimeAug and HardNeg need real clips, see :func:`pretrain.preflight.check`):
+
+    * ``frames = [jpeg]``, ``frame_indices = [0]``, ``meta["landmarks"]`` (68, 2) -> (1, 68, 2);
+    * without ``meta["size"]`` (evaluation sets resized to a square do not record it) the side the landmarks
+      refer to is read from the JPEG header (:func:`data_shards.jpeg_header.jpeg_size`, nothing is decoded). A
+      non-square image is stretched to a square by the decoders, so its x and y are scaled onto a square of its
+      longer side. An unreadable header leaves the size absent: the decoders count the JPEG as ``corrupt_jpeg``;
+    * without an ``identity_id`` the image is its own identity (its key), so FaceSwap still finds donors.
+
+    Landmarks that are not (68, 2) numbers are passed on unchanged, for :func:`validate_landmarks` to count.
+    """
+    if "frames" in sample or "jpeg" not in sample:
+        return sample
+    from data_shards.jpeg_header import BadJpeg, jpeg_size
+
+    jpeg = sample["jpeg"]
+    meta = dict(sample["meta"])
+    landmarks = meta.get("landmarks")
+    if landmarks is not None:
+        try:
+            array = np.asarray(landmarks, dtype=np.float32)
+        except (TypeError, ValueError):
+            array = None
+        if array is not None and array.shape == (68, 2):
+            landmarks = array[None]
+    if meta.get("size") is None:
+        try:
+            width, height = jpeg_size(jpeg)
+        except BadJpeg:
+            width = height = 0
+        if width > 0 and height > 0:
+            side = max(width, height)
+            if width != height and isinstance(landmarks, np.ndarray) and landmarks.shape == (1, 68, 2):
+                landmarks = landmarks * np.array([side / width, side / height], dtype=np.float32)
+            meta["size"] = side
+    if landmarks is not None:
+        meta["landmarks"] = landmarks
+    if meta.get("identity_id") in (None, ""):
+        meta["identity_id"] = str(sample.get("key"))
+    clip = {k: v for k, v in sample.items() if k != "jpeg"}
+    clip.update(frames=[jpeg], meta=meta, frame_indices=[0])
+    return clip
