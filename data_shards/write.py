@@ -59,6 +59,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from data_shards import store
+from data_shards.dali_index import write_index
 from data_shards.manifest import KINDS, MANIFEST_NAME, ShardEntry, build_manifest, shard_name
 from data_shards.read import EXACT_LANDMARKS_MEMBER, LANDMARKS_MEMBER, SkipCounter
 
@@ -288,6 +289,11 @@ def _commit(url: str, payload: bytes, base: _Version | None, write_id: str, cond
         raise _conflict(url, write_id, base, now) from None
 
 
+def index_url(shard_url: str) -> str:
+    """Where a ``.tar`` shard's DALI index lives: beside it, ``.idx`` for ``.tar``."""
+    return shard_url[: -len(".tar")] + ".idx"
+
+
 def _remove_all(urls: list[str], why: str) -> None:
     """Delete ``urls`` in order, best effort (a failure is logged, the rest still tried)."""
     for url in urls:
@@ -354,6 +360,7 @@ class ShardWriter:
         self._shard_frames = 0
         self._shard_bytes = 0
         self._published: list[str] = []  # URLs this write created, in order (removed if it does not commit)
+        self._indexes: list[str] = []  # the DALI index beside each published .tar shard
         store.check_access(self.url, write=True)
         # The committed version this write will replace (kept, and readable, until this write commits).
         self._base = _committed_version(self.url)
@@ -483,6 +490,11 @@ class ShardWriter:
         url = store.join(self.url, name)
         if url not in self._published:
             self._published.append(url)  # before the upload: a failed upload is cleaned up too
+        if name.endswith(".tar"):  # DALI's fn.readers.webdataset reads the shard with it, no inferring scan
+            index = write_index(path, path.with_suffix(".idx"))
+            self._indexes.append(index_url(url))
+            store.put_file(index, index_url(url), move=True)
+            index.unlink(missing_ok=True)
         store.put_file(path, url, move=True)
         path.unlink(missing_ok=True)
         self.shards.append(entry)
@@ -529,12 +541,15 @@ class ShardWriter:
         """Delete the shards of the version this commit replaced; the plain-name claim last."""
         old = [n for n in self._base.shard_names if n not in listed]
         old.sort(key=lambda n: n == PLAIN_CLAIM)
+        indexes = [index_url(store.join(self.url, n)) for n in old if n.endswith(".tar")]
+        _remove_all(indexes, "index of a replaced version")
         _remove_all([store.join(self.url, n) for n in old], "replaced by a new version")
 
     def _remove_published(self, why: str) -> None:
         """Delete this write's shards, newest first, so the plain-name claim (the first) goes last."""
+        _remove_all(list(reversed(self._indexes)), why)
         _remove_all(list(reversed(self._published)), why)
-        self._published = []
+        self._published, self._indexes = [], []
 
     def abort(self) -> None:
         """Drop the shard in progress and the shards this write published; commit nothing (the version already

@@ -48,3 +48,20 @@ def test_dali_webdataset_reader_reads_the_shard_with_the_index(tmp_path):
         (json_bytes,) = pipe.run()
         keys.append(bytes(np.asarray(json_bytes[0])).decode())
     assert ['"clip_id":"synth-i0000000-c000"' in keys[0], '"synth-i0000001-c000"' in keys[1]] == [True, True]
+
+
+def test_the_writer_publishes_an_index_beside_each_shard_and_cleans_it_with_its_version(tmp_path):
+    url = tmp_path / "clips"
+    cfg = SynthConfig(identities=3, clips_per_identity=1, seconds=2.0, size=32, seed=0)
+    with ShardWriter(str(url), "clips", "pretrain", {}, max_samples=2) as writer:
+        for clip in iter_clips(cfg):
+            writer.write_clip(clip)
+    shards = sorted(p.name for p in url.glob("*.tar"))
+    assert sorted(p.name for p in url.glob("*.idx")) == [s.replace(".tar", ".idx") for s in shards]
+    assert (url / "shard-000000.idx").read_text() == write_index(
+        url / "shard-000000.tar", tmp_path / "x"
+    ).read_text()
+    with ShardWriter(str(url), "clips", "pretrain", {}, max_samples=4) as writer:  # a new version replaces it
+        for clip in iter_clips(cfg):
+            writer.write_clip(clip)
+    assert sorted(p.stem for p in url.glob("*.idx")) == sorted(p.stem for p in url.glob("*.tar"))

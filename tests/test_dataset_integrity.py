@@ -287,8 +287,10 @@ def check_race(url: str, results: dict, must_conflict: bool) -> None:
     keys = [s["key"] for shard in shard_urls(url, manifest) for s in iter_samples(shard)]
     assert len(keys) == manifest["totals"]["samples"] and len({k.split("n")[0] for k in keys}) == 1
     # The losers removed what they published: only the winner's shards are left (plus probes never).
-    names = [n for n in store.list_dir(url) if n.startswith("shard-")]
+    names = [n for n in store.list_dir(url) if n.startswith("shard-") and n.endswith(".tar")]
     assert sorted(names) == sorted(s["name"] for s in manifest["shards"])
+    indexes = [n for n in store.list_dir(url) if n.endswith(".idx")]  # a DALI index beside each, no other
+    assert sorted(indexes) == sorted(n[: -len(".tar")] + ".idx" for n in names)
 
 
 def test_two_writers_on_one_local_folder_never_commit_a_mixed_dataset(tmp_path):
@@ -324,7 +326,7 @@ def test_fresh_prefix_gets_plain_names_and_a_rewrite_gets_its_own(tmp_path):
     second = write_dataset(url, clips=6, tag="b")
     wid = second["write_id"]
     assert [s["name"] for s in second["shards"]] == [f"shard-{wid}-{i:06d}.tar" for i in range(3)]
-    assert sorted(p.name for p in Path(url).iterdir()) == [
+    assert sorted(p.name for p in Path(url).iterdir() if p.suffix != ".idx") == [
         "manifest.json",
         *(s["name"] for s in second["shards"]),
     ]
@@ -350,13 +352,13 @@ def test_the_old_version_stays_readable_until_the_new_one_commits(tmp_path):
 def test_a_failed_write_commits_nothing_and_removes_its_shards(tmp_path):
     url = str(tmp_path / "ds")
     old = write_dataset(url, clips=4, tag="a")
-    before = sorted(p.name for p in Path(url).iterdir())
+    before = sorted(p.name for p in Path(url).iterdir() if p.suffix != ".idx")
     with pytest.raises(RuntimeError, match="generator died"):
         with ShardWriter(url, "clips", "pretrain", {}, max_samples=1) as writer:
             for i in range(3):
                 writer.write(f"b{i}", [b"\xff\xd8x"], {"frame_indices": [0]})
             raise RuntimeError("generator died")
-    assert sorted(p.name for p in Path(url).iterdir()) == before
+    assert sorted(p.name for p in Path(url).iterdir() if p.suffix != ".idx") == before
     assert read_manifest(url)["write_id"] == old["write_id"]
     assert_consistent(url)
 
@@ -374,7 +376,7 @@ def test_datasets_of_the_old_writer_read_and_are_replaced_cleanly(tmp_path):
     new = write_dataset(url, clips=2, tag="b")
     assert new["shards"][0]["name"].startswith(f"shard-{new['write_id']}-")  # the plain names were taken
     assert_consistent(url)
-    left = Counter(p.name.startswith("shard-00000") for p in Path(url).iterdir())
+    left = Counter(p.name.startswith("shard-00000") for p in Path(url).iterdir() if p.suffix != ".idx")
     assert left[True] == 1  # the old version's listed shards are gone; the unlisted stale one is not ours
 
 
@@ -383,4 +385,4 @@ def test_empty_write_releases_its_claim(tmp_path):
     with ShardWriter(url, "frames", "eval", {}) as writer:
         pass
     assert writer.manifest["shards"] == []
-    assert sorted(p.name for p in Path(url).iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in Path(url).iterdir() if p.suffix != ".idx") == ["manifest.json"]
