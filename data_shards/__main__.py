@@ -17,7 +17,11 @@ from common.errors import ConfigError
 
 DELEGATED = {
     "contact-sheet": ("data_shards.synth.cli", "main_contact_sheet", "a grid of SynthFace frames (PNG)"),
-    "ingest": ("data_shards.ingest", "main", "videos / frame folders -> aligned clip shards"),
+    "ingest": (
+        "data_shards.ingest",
+        "main",
+        "--videos DIR: videos / frame folders -> aligned clip shards; --images DIR: photos -> frames shards",
+    ),
 }
 
 

@@ -1,11 +1,22 @@
-"""Real video ingestion: videos / VoxCeleb-style frame folders -> aligned face crops + landmarks -> clip shards.
+"""Real face ingestion: videos / VoxCeleb-style frame folders -> aligned face clips; photos -> aligned face images.
 
     python -m data_shards ingest --videos PATH --out URL [--fps 4.1667] [--size 128] [--margin 0.35] ...
+    python -m data_shards ingest --images DIR --out URL [--size 128] [--identity-from folder|image] ...
 
-PATH holds video files and/or frame folders laid out as `<identity>/<video>/<utterance>/*.jpg`. Frames are
-subsampled to `--fps` by timestamp; each kept frame goes through `faces.FaceAligner`. A frame without a face (or
-an unreadable one) ends the current clip; clips shorter than `--min-clip-frames` are dropped. Bad input is
-reported once per file, counted by reason and never stops the run.
+``--videos``: PATH holds video files and/or frame folders laid out as `<identity>/<video>/<utterance>/*.jpg`.
+Frames are subsampled to `--fps` by timestamp; each kept frame goes through `faces.FaceAligner`. A frame without a
+face (or an unreadable one) ends the current clip; clips shorter than `--min-clip-frames` are dropped. Written as
+``clips`` shards.
+
+``--images``: every image file under DIR (.jpg/.jpeg/.png, any case, any depth; sorted) goes through the same
+`faces.FaceAligner` (largest face) and is written as one sample of a ``frames`` shard dataset: the aligned crop,
+its 68 landmarks in crop pixels, ``size``, and ``identity_id`` = the name of the image's parent folder (lay photos
+out as `<identity>/*.jpg`; ``--identity-from image`` makes every image its own identity, for layouts whose folders
+are not people, e.g. expression classes). Pretraining reads such a dataset as one-frame clips (SimCLR, FaceSwap,
+MaskFN; docs/data.md "Image datasets").
+
+Bad input (no face, unreadable file, undecodable video) is reported per file, counted by reason in the manifest's
+``skipped`` and never stops the run; the manifest is written last, when every shard is in place.
 """
 
 from __future__ import annotations
@@ -33,12 +44,17 @@ log = logging.getLogger("data_shards.ingest")
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
 FRAME_EXTS = {".jpg", ".jpeg", ".png"}
+IMAGE_EXTS = FRAME_EXTS  # --images: photo files, compared lower-cased (.JPG, .Png are images too)
+IDENTITY_FROM = ("folder", "image")
+SKIPPED_LISTED = 50  # --images: files named in the closing summary (every one is named in the log)
 NO_DECODER_HELP = "no video decoder installed: pip install av (PyAV) or opencv-python-headless"
 
 
 @dataclass
 class IngestConfig:
-    videos: str = ""  # input folder (or one video file)
+    videos: str = ""  # input folder (or one video file); or, instead:
+    images: str = ""  # folder of face photos (or one photo) -> a ``frames`` dataset
+    identity_from: str = "folder"  # --images: identity_id = parent folder's name, or each "image" its own
     out: str = ""  # dataset URL: local folder or s3://bucket/prefix
     split: str = "pretrain"
     fps: float = 25.0 / 6.0  # target rate of the stored clips (the paper's 25/6 fps)
@@ -53,8 +69,15 @@ class IngestConfig:
 
     def validate(self) -> None:
 
-        if not self.videos:
-            raise ConfigError("config key 'videos': required (a folder of videos / frame folders)")
+        if bool(self.videos) == bool(self.images):
+            raise ConfigError(
+                "config keys 'videos' and 'images': give exactly one (--videos: a folder of videos / frame "
+                "folders -> clip shards; --images: a folder of face photos -> frames shards)"
+            )
+        if self.identity_from not in IDENTITY_FROM:
+            raise ConfigError(
+                f"config key 'identity_from': one of {list(IDENTITY_FROM)}, got {self.identity_from!r}"
+            )
         if not self.out:
             raise ConfigError("config key 'out': required (a local folder or s3://bucket/prefix)")
         for key in ("fps", "frames_fps"):
@@ -144,6 +167,25 @@ def load_image(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()  # truncated or garbage data fails here, not later
             return np.ascontiguousarray(np.asarray(img.convert("RGB")))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptFrame(f"{path}: unreadable image ({err})") from err
+
+
+def discover_images(root: Path) -> list[Path]:
+    """Image files (:data:`IMAGE_EXTS`, any case) under `root` at any depth, sorted by path; `root` itself if a file."""
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def load_photo(path: Path) -> np.ndarray:
+    """A photo as RGB uint8, turned upright by its EXIF orientation (phones store portraits sideways)."""
+    from PIL import ImageOps
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.ascontiguousarray(np.asarray(ImageOps.exif_transpose(img).convert("RGB")))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise CorruptFrame(f"{path}: unreadable image ({err})") from err
 
@@ -279,6 +321,7 @@ class Ingestor:
         self.stats: Counter[str] = Counter()
         self.identities: set[str] = set()
         self._keys: set[str] = set()
+        self.failed: list[tuple[str, str]] = []  # --images: (file, reason) of every image left out
 
     def _skip(self, reason: str, detail: str) -> None:
         self.stats[f"skipped.{reason}"] += 1
@@ -380,6 +423,46 @@ class Ingestor:
             self.ingest_source(src)
         return self.stats
 
+    # -------------------------------------------------------------------------------------------- images
+
+    def _image_failed(self, name: str, reason: str, detail: str) -> None:
+        log.warning("image skipped (%s): %s", reason, detail)
+        self.failed.append((name, reason))
+        self._skip(reason, detail)
+
+    def ingest_image(self, root: Path, path: Path) -> None:
+        """One photo -> one ``frames`` sample (the aligned crop of its largest face), or a counted skip."""
+        name = path.relative_to(root).as_posix() if path != root else path.name
+        self.stats["images"] += 1
+        try:
+            rgb = load_photo(path)
+        except CorruptFrame as err:
+            self._image_failed(name, "unreadable_image", str(err))
+            return
+        face = self.aligner.process(rgb)
+        if face is None:
+            self._image_failed(name, "no_face", f"{name}: no face found")
+            return
+        key = self._unique_key(slug(Path(name).with_suffix("").as_posix()))
+        identity = path.parent.name if self.cfg.identity_from == "folder" else key
+        from data_shards.readers import frame_meta
+
+        meta = frame_meta(
+            "images",
+            None,
+            identity_id=identity,
+            landmarks=np.round(face.landmarks.astype(np.float64), 2).tolist(),  # crop pixels
+        )
+        meta.update(size=self.cfg.face.size, source_path=name, num_faces=face.num_faces)
+        self.sink.write(key, self._encode(face.crop), meta)
+        self.stats["faces"] += 1
+        self.identities.add(identity)
+
+    def run_images(self, root: Path, paths: Iterable[Path]) -> Counter[str]:
+        for path in paths:
+            self.ingest_image(root, path)
+        return self.stats
+
 
 # -------------------------------------------------------------------------------------------------- CLI
 
@@ -390,7 +473,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m data_shards ingest",
         description="Videos / VoxCeleb frame folders -> eye-aligned face crops + 68 landmarks -> clip shards.",
     )
-    p.add_argument("--videos", required=True, help="folder of videos and/or <identity>/<video>/<utt>/*.jpg")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--videos", help="folder of videos and/or <identity>/<video>/<utt>/*.jpg -> clips shards"
+    )
+    source.add_argument(
+        "--images",
+        help="folder of face photos (*.jpg/*.jpeg/*.png, any depth), <identity>/*.jpg -> frames shards",
+    )
+    p.add_argument(
+        "--identity-from",
+        choices=IDENTITY_FROM,
+        default=d.identity_from,
+        help="--images: identity_id from the parent folder's name, or each image its own identity",
+    )
     p.add_argument("--out", required=True, help="dataset URL: local folder or s3://bucket/prefix")
     p.add_argument("--split", default=d.split)
     p.add_argument("--fps", type=float, default=d.fps, help="target clip rate (default 25/6)")
@@ -401,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-clip-frames", type=int, default=d.min_clip_frames)
     p.add_argument("--max-clip-frames", type=int, default=d.max_clip_frames)
     p.add_argument("--max-seconds", type=float, default=d.max_seconds, help="per source; 0 reads all")
-    p.add_argument("--shard-samples", type=int, default=d.shard_samples, help="clips per shard")
+    p.add_argument("--shard-samples", type=int, default=d.shard_samples, help="clips (images) per shard")
     p.add_argument("--shard-mb", type=float, default=d.shard_bytes / 2**20, help="shard size limit")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
     return p
@@ -410,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> IngestConfig:
     face = FaceConfig(size=args.size, margin=args.margin, upsample=args.upsample)
     return IngestConfig(
-        videos=args.videos,
+        videos=args.videos or "",
+        images=args.images or "",
+        identity_from=args.identity_from,
         out=args.out,
         split=args.split,
         fps=args.fps,
@@ -436,11 +534,32 @@ def format_summary(stats: Counter[str], identities: int, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def format_image_summary(ingestor: Ingestor, seconds: float) -> str:
+    stats = ingestor.stats
+    lines = [
+        f"ingest: {stats['faces']} face images ({len(ingestor.identities)} identities) from {stats['images']} "
+        f"image files; {seconds:.1f} s"
+    ]
+    skipped = {k.split(".", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("skipped.")}
+    lines.append("skipped: " + (", ".join(f"{k}={v}" for k, v in skipped.items()) or "none"))
+    for name, reason in ingestor.failed[:SKIPPED_LISTED]:
+        lines.append(f"  not ingested ({reason}): {name}")
+    if len(ingestor.failed) > SKIPPED_LISTED:
+        lines.append(
+            f"  ... and {len(ingestor.failed) - SKIPPED_LISTED} more (each is named in the log above)"
+        )
+    return "\n".join(lines)
+
+
 def ingest(cfg: IngestConfig, sink: ClipSink, aligner: FaceAligner | None = None) -> Ingestor:
-    """Library entry: ingest everything under cfg.videos into `sink`; returns the Ingestor (stats)."""
-    root = Path(cfg.videos)
+    """Library entry: ingest everything under cfg.videos (clips) or cfg.images (one sample per photo) into
+    `sink`; returns the Ingestor (stats, and for images the files left out)."""
     ingestor = Ingestor(cfg, sink, aligner)
-    ingestor.run(discover_sources(root))
+    if cfg.images:
+        root = Path(cfg.images)
+        ingestor.run_images(root, discover_images(root))
+    else:
+        ingestor.run(discover_sources(Path(cfg.videos)))
     return ingestor
 
 
@@ -458,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if cfg.images:
+        return _main_images(cfg)
     root = Path(cfg.videos)
     if not root.exists():
         print(
@@ -507,6 +628,55 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not ingestor.stats["clips"]:
         print("error: no clip was written (see the skipped counts above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _main_images(cfg: IngestConfig) -> int:
+    """``--images``: photos -> ``frames`` shards (one aligned face per photo); the manifest is written last."""
+    root = Path(cfg.images)
+    if not root.exists():
+        print(f"error: --images {root} does not exist: pass a folder of face photos", file=sys.stderr)
+        return 2
+    paths = discover_images(root)
+    if not paths:
+        exts = ", ".join(f"*{e}" for e in sorted(IMAGE_EXTS))
+        print(f"error: no images ({exts}, any case) under {root}", file=sys.stderr)
+        return 2
+
+    from data_shards import store
+    from data_shards.write import ShardWriter
+
+    try:
+        store.check_access(cfg.out, write=True)
+        aligner = FaceAligner(cfg.face)
+    except (store.StoreError, FaceModelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    video_only = ("videos", "fps", "frames_fps", "min_clip_frames", "max_clip_frames", "max_seconds")
+    generator = {"name": "ingest", "input": "images"}
+    generator.update((k, v) for k, v in asdict(cfg).items() if k not in video_only)
+    started = time.monotonic()
+    try:
+        with ShardWriter(
+            cfg.out,
+            kind="frames",
+            split=cfg.split,
+            generator=generator,
+            max_samples=cfg.shard_samples,
+            max_bytes=cfg.shard_bytes,
+        ) as writer:
+            writer.skips.log_first = 0  # the ingestor names each bad image itself
+            ingestor = Ingestor(cfg, writer, aligner)
+            ingestor.run_images(root, paths)
+            if not ingestor.stats["faces"]:
+                writer.abort()  # no dataset without a single image: nothing is committed
+    except store.StoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_image_summary(ingestor, time.monotonic() - started), file=sys.stderr)
+    if not ingestor.stats["faces"]:
+        print("error: no face image was written (see the skipped images above)", file=sys.stderr)
         return 1
     return 0
 

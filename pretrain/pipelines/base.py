@@ -11,6 +11,11 @@ batches (:class:`pretrain.pipelines.clips.ClipGroup`), the position state and th
 ``[A, NA, P, NP]`` (``sampling.hard_negatives``) or ``[A, P]``; ``positive_index`` and ``group_id`` come from
 :func:`pretrain.loss.batch_layout`, in local rows.
 
+Image datasets (manifest ``kind: frames``, one face JPEG per sample): each image enters the clip grouping as a
+clip of one frame (:func:`pretrain.pipelines.clips.as_clip`; the donor bank reads them the same way), so SimCLR
+views, FaceSwap and MaskFN work on images unchanged; TimeAug and HardNeg need clips and are refused before
+training (:func:`pretrain.preflight.check`).
+
 Determinism: every random draw of batch ``i`` of epoch ``e`` on rank ``r`` comes from generators seeded by
 ``(seed, e, r, i)`` - frame choice from :func:`pretrain.sampling.make_rng` (its ``worker`` slot is the batch
 index), FaceSwap/augmentation from :func:`pretrain.pipelines.clips.device_seed` - so a batch does not depend on
@@ -49,7 +54,7 @@ from data_shards.read import SkipCounter, iter_samples
 from pretrain.dataset import Dataset, open_dataset
 from pretrain.descriptors import build_descriptor
 from pretrain.loss import batch_layout
-from pretrain.pipelines.clips import ClipGroup, choose_frames, resilient_reader
+from pretrain.pipelines.clips import ClipGroup, as_clip, choose_frames, resilient_reader
 from pretrain.pipelines.donors import load_donor_bank
 from pretrain.sampling import FrameSampler, make_rng
 from pretrain.stream import ClipStream
@@ -153,9 +158,10 @@ class ClipBatchPipeline(BatchPipeline):
         self.sampler = FrameSampler(cfg.sampling)
         self.donor_bank = None  # faceswap.donors=bank: donors from a fixed bank, not from the batch
         if cfg.faceswap.enabled and cfg.faceswap.donors == "bank":
+            read_shard = resilient_reader(iter_samples, self.skips)
             bank = load_donor_bank(
                 self.dataset, cfg.faceswap.donor_bank_frames, self.data.image_size,
-                resilient_reader(iter_samples, self.skips), self.skips,
+                lambda url: map(as_clip, read_shard(url)), self.skips,  # images: one-frame clips
             )  # fmt: skip
             self.donor_bank = bank.to(self.device)
         self.descriptor = (
@@ -247,6 +253,7 @@ class ClipBatchPipeline(BatchPipeline):
                         self.stream.set_epoch(epoch)
                         clips = iter(self.stream)
                         continue
+                    sample = as_clip(sample)  # an image (frames dataset) is a clip of one frame
                     choice = choose_frames(sample, self.sampler, self.layout, rng, self.skips)
                     if choice is None:
                         continue
