@@ -376,4 +376,6 @@ def test_collapse_is_flagged_in_the_log_and_metrics(clips_url, tmp_path):
                    f"run_dir={run_dir}", "max_steps=4", "log_every=1", "collapse.window_steps=2",
                    "collapse.chance_factor=1000"])  # fmt: skip
     assert [m["collapse_suspected"] for m in _metrics(run_dir)] == [False, False, True, True]
-    assert "looks collapsed" in proc.stderr + proc.stdout and "faceswap.start_step" in proc.stderr + proc.stdout
+    assert (
+        "looks collapsed" in proc.stderr + proc.stdout and "faceswap.start_step" in proc.stderr + proc.stdout
+    )

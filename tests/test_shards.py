@@ -113,7 +113,10 @@ def test_clips_roundtrip_on_real_store(s3_env):
     again = write_clips(url)
     write_id = read_manifest(url)["write_id"]
     check_roundtrip(url, again)
-    assert [n for n in store.list_dir(url) if not n.endswith(".idx")] == ["manifest.json", *(f"shard-{write_id}-{i:06d}.tar" for i in range(3))]
+    assert [n for n in store.list_dir(url) if not n.endswith(".idx")] == [
+        "manifest.json",
+        *(f"shard-{write_id}-{i:06d}.tar" for i in range(3)),
+    ]
 
 
 def test_frames_roundtrip_and_byte_limit(tmp_path):
