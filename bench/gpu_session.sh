@@ -65,7 +65,8 @@ for finish in trainer workers; do
   part "pretrain_$finish" $PY launch/pretrain.py --config launch/configs/sslfer.yaml data.url="$WORK/clips" \
     run_dir="$WORK/run_$finish" device="$DEVICE" precision=$precision zero_stage=0 max_steps="$STEPS" \
     log_every=10 checkpoint_every=0 data.pipeline=torch data.global_batch_clips="$CLIPS" \
-    data.num_workers="$THREADS" data.finish_in=$finish metrics.port_base=0 $MODEL
+    data.num_workers="$THREADS" data.finish_in=$finish metrics.port_base=0 \
+    faceswap.start_step=0 faceswap.p_warmup_steps=0 $MODEL  # FaceSwap in every measured step
   cp "$WORK/run_$finish/metrics.jsonl" "$OUT/pretrain_${finish}_metrics.jsonl" 2>/dev/null
   cp "$WORK/run_$finish/config.yaml" "$OUT/pretrain_${finish}_config.yaml" 2>/dev/null
   part "data_wait_$finish" $PY bench/data_wait.py "$OUT/pretrain_${finish}_metrics.jsonl"

@@ -3,7 +3,21 @@
 Endpoint and keys come from the standard AWS environment variables (``AWS_ENDPOINT_URL_S3``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), so the same code talks to the
 local SeaweedFS store and to a cloud bucket. Every failure a user can fix becomes a :class:`StoreError`
-whose message names the URL or setting and the fix; transient failures are retried with bounded backoff.
+whose message names the URL or setting and the fix.
+
+Retries (``store`` config section, :class:`StoreConfig`) happen in one place per kind of failure, always with
+full jitter (a random wait in [0, cap]), so ranks that lost the store together do not come back in lockstep:
+
+* Every S3 request: botocore's ``standard`` retry mode (``retries: {"mode": "standard", "total_max_attempts":
+  1 + store.retries}`` in s3fs's ``config_kwargs``): refused/reset connections, timeouts, 5xx and throttling are
+  retried by botocore, under its retry quota (a circuit breaker that stops retrying a store that keeps failing).
+  Its backoff is botocore's exponential full jitter with the project's first cap and ceiling: wait n is
+  ``U(0, 1) * min(store.backoff_s * 2**(n-1), store.backoff_max_s)`` (botocore's own constants, 1 s and 20 s, are
+  not settable through ``Config``). Each retry is logged as a warning (``retry n/N``).
+* s3fs's own retry loop (no jitter) is off (``fs.retries = 1``): it would repeat what botocore already retried.
+* Failures botocore never sees, those while a response body is read (a connection dropped mid-object, a body
+  read timeout), are retried by this module around the whole call (:func:`_with_retries`) or the read
+  (:class:`_CountingReader`), with the same budget and full jitter (:func:`backoff_delay`).
 """
 
 from __future__ import annotations
@@ -11,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shutil
 import tempfile
 import threading
@@ -41,9 +56,9 @@ class StoreError(UserError, RuntimeError):
 class StoreConfig:
     """Retry and timeout policy for object-store calls."""
 
-    retries: int = 4  # extra attempts after the first, for transient errors only
-    backoff_s: float = 0.25  # first wait; doubles each attempt
-    backoff_max_s: float = 8.0  # longest wait between retries
+    retries: int = 4  # extra attempts after the first, for transient errors only (botocore standard mode)
+    backoff_s: float = 0.25  # first wait's cap (full jitter: random in [0, cap]); doubles per retry
+    backoff_max_s: float = 8.0  # largest cap of a wait between retries (each wait random up to it)
     connect_timeout_s: float = 5.0  # object-store connect timeout
     read_timeout_s: float = 60.0  # object-store read timeout
     block_size: int = 16 * 2**20  # s3fs read/write block: 16 MiB read ahead streams ~20% faster than 8
@@ -69,6 +84,21 @@ def configure(config: StoreConfig) -> None:
 
 def get_config() -> StoreConfig:
     return _config
+
+
+# Jitter from the OS, not the `random` module's global state: training seeds that identically on every rank,
+# which would bring the ranks back in lockstep after an outage.
+_JITTER = random.SystemRandom()
+
+
+def backoff_delay(attempt: int, config: StoreConfig | None = None) -> float:
+    """Full-jitter wait before retry ``attempt + 1`` (0-based): ``U(0, min(backoff_s * 2**attempt, backoff_max_s))``.
+
+    The schedule of every retry in the project's store access: botocore's retries of S3 requests and the retries
+    of body reads here; callers with a retry loop of their own (re-opening a shard) should use it too.
+    """
+    config = config or _config
+    return _JITTER.uniform(0.0, min(config.backoff_s * 2.0**attempt, config.backoff_max_s))
 
 
 # ---------------------------------------------------------------- bytes-read counter (exported as a metric)
@@ -97,18 +127,29 @@ def bytes_read() -> int:
 
 
 class _CountingReader:
-    """Proxy for a binary file that adds every byte read to :data:`BYTES_READ`."""
+    """Proxy for a binary file that adds every byte read to :data:`BYTES_READ`.
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    With ``url`` (an ``s3://`` object), a read that fails while a response body streams in (botocore never sees
+    those, so it did not retry them) is retried here: s3fs fetches ranges lazily and a failed fetch leaves the
+    file position where it was.
+    """
+
+    def __init__(self, raw: IO[bytes], url: str | None = None) -> None:
         self._raw = raw
+        self._url = url
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        if self._url is None:
+            return fn()
+        return _with_retries(fn, self._url, body_only=True)
 
     def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
+        data = self._retrying(lambda: self._raw.read(size))
         BYTES_READ.add(len(data))
         return data
 
     def readinto(self, buffer) -> int:
-        n = self._raw.readinto(buffer)
+        n = self._retrying(lambda: self._raw.readinto(buffer))
         BYTES_READ.add(n or 0)
         return n
 
@@ -166,12 +207,70 @@ def endpoint() -> str | None:
     return None
 
 
+class _StandardRetries:
+    """botocore's ``standard`` retry handler (retry conditions, retry quota) with the ``store`` backoff, logged.
+
+    Registered on the session under botocore's own handler id (``retry-config-s3``), so the client that s3fs
+    creates with ``retries: {"mode": "standard"}`` keeps this one instead of building its own: botocore's
+    ``Config`` sets the mode and the attempts but not the backoff's first cap and ceiling.
+    """
+
+    def __init__(self, config: StoreConfig):
+        from aiobotocore.retries.standard import AioRetryHandler, AioRetryPolicy, AioStandardRetryConditions
+        from botocore.retries import quota
+        from botocore.retries.base import BaseRetryBackoff
+        from botocore.retries.standard import RetryEventAdapter, RetryQuotaChecker
+
+        class Backoff(BaseRetryBackoff):
+            def delay_amount(self, context) -> float:
+                return backoff_delay(context.attempt_number - 1, config)
+
+        self.config = config
+        self.quota = RetryQuotaChecker(quota.RetryQuota())
+        self.handler = AioRetryHandler(
+            retry_policy=AioRetryPolicy(
+                retry_checker=AioStandardRetryConditions(max_attempts=1 + config.retries),
+                retry_backoff=Backoff(),
+            ),
+            retry_event_adapter=RetryEventAdapter(),
+            retry_quota=self.quota,
+        )
+
+    def register(self, session) -> None:
+        session.register("needs-retry.s3", self.needs_retry, unique_id="retry-config-s3")
+        session.register("after-call.s3", self.quota.release_retry_quota, unique_id="sslfer-retry-quota-s3")
+
+    async def needs_retry(self, **kwargs):
+        delay = await self.handler.needs_retry(**kwargs)
+        if delay is not None and delay is not False:  # a retry (a jittered 0.0 is an immediate one)
+            log.warning(
+                "store: transient %s on %s %s; retry %d/%d in %.2f s",
+                _describe_attempt(kwargs), kwargs["operation"].name, _request_url(kwargs),
+                kwargs["attempts"], self.config.retries, delay,
+            )  # fmt: skip
+        return delay
+
+
+def _describe_attempt(kwargs: dict) -> str:
+    if kwargs.get("caught_exception") is not None:
+        return type(kwargs["caught_exception"]).__name__
+    http, parsed = kwargs["response"]
+    code = (parsed or {}).get("Error", {}).get("Code")
+    return f"HTTP {http.status_code}" + (f" {code}" if code else "")
+
+
+def _request_url(kwargs: dict) -> str:
+    url = str((kwargs.get("request_dict") or {}).get("url", ""))
+    return url.split("?", 1)[0]  # the endpoint and bucket/key path; query strings are not for logs
+
+
 def _filesystem():
     """An s3fs filesystem built from the current environment.
 
     Cached per (environment, pid): tests change the env with monkeypatch, and a forked worker must not share
     its parent's event loop/session.
     """
+    import aiobotocore.session
     import s3fs
 
     env_key = tuple(
@@ -182,14 +281,17 @@ def _filesystem():
     with _fs_lock:
         fs = _filesystems.get(cache_key)
         if fs is None:
+            session = aiobotocore.session.AioSession()
+            _StandardRetries(_config).register(session)
             fs = s3fs.S3FileSystem(
                 key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
                 secret=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
                 endpoint_url=endpoint(),
+                session=session,
                 client_kwargs={"region_name": os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"},
                 config_kwargs={
-                    # Retries are ours (bounded, classified); botocore would retry refusals for ~seconds.
-                    "retries": {"max_attempts": 1},
+                    # botocore retries every request (standard mode, jittered); see the module docstring.
+                    "retries": {"mode": "standard", "total_max_attempts": 1 + _config.retries},
                     "connect_timeout": _config.connect_timeout_s,
                     "read_timeout": _config.read_timeout_s,
                 },
@@ -197,9 +299,9 @@ def _filesystem():
                 skip_instance_cache=True,
                 use_listings_cache=False,  # other processes write the same prefixes
             )
-            # s3fs retries timeouts and broken payloads inside one call (a range read mid-shard);
-            # refused connections and 5xx are retried around whole calls by _with_retries.
-            fs.retries = 1 + _config.retries
+            # s3fs's own loop (fixed waits, no jitter) would repeat what botocore already retried; failures while
+            # a body streams in are retried by _with_retries / _CountingReader.
+            fs.retries = 1
             _filesystems[cache_key] = fs
     return fs
 
@@ -223,8 +325,29 @@ def _error_code(err: BaseException) -> str:
     return ""
 
 
+# Failures while a response body streams in: after botocore returned the response, so never retried by it.
+BODY_ERRORS = {
+    "ResponseStreamingError",
+    "AioReadTimeoutError",
+    "IncompleteRead",
+    "IncompleteReadError",
+    "ClientPayloadError",
+    "FSTimeoutError",
+}
+
+
+def _retried_by_botocore(err: BaseException) -> bool:
+    """``err`` came out of botocore's request loop, which already applied the standard retry policy."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    chain = _chain(err)
+    if {type(e).__name__ for e in chain} & BODY_ERRORS:
+        return False
+    return any(isinstance(e, BotoCoreError | ClientError) for e in chain)
+
+
 def _is_transient(err: BaseException) -> bool:
-    """Worth another try: refused/reset connections, connect timeouts, throttling, 5xx."""
+    """Worth another try: refused/reset connections, timeouts, throttling, 5xx, a body cut off mid-stream."""
     code = _error_code(err)
     if code in {
         "500",
@@ -243,7 +366,10 @@ def _is_transient(err: BaseException) -> bool:
         "ConnectionRefusedError",
         "ConnectionResetError",
         "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
         "ServerDisconnectedError",
+        *BODY_ERRORS,
     }
     return bool(names & transient_names)
 
@@ -285,8 +411,13 @@ def _user_error(err: BaseException, url: str, write: bool) -> StoreError | None:
     return None
 
 
-def _with_retries(fn: Callable[[], T], url: str, write: bool = False) -> T:
-    """Run ``fn``; retry transient errors with exponential backoff; translate user errors."""
+def _with_retries(fn: Callable[[], T], url: str, write: bool = False, body_only: bool = False) -> T:
+    """Run ``fn``; retry transient errors that botocore did not already retry; translate user errors.
+
+    An S3 request's own failures (refused connection, 5xx...) were retried by botocore's standard mode and are
+    final here. What is left: failures while a body streams in, and local/other transient errors. Waits are
+    full jitter (:func:`backoff_delay`). ``body_only``: retry only the S3 body errors (reads of an open object).
+    """
     attempt = 0
     while True:
         try:
@@ -296,8 +427,11 @@ def _with_retries(fn: Callable[[], T], url: str, write: bool = False) -> T:
                 raise _user_error(err, url, write) from err
             raise
         except Exception as err:
-            if _is_transient(err) and attempt < _config.retries:
-                wait = min(_config.backoff_s * 2**attempt, _config.backoff_max_s)
+            retry = _is_transient(err) and not _retried_by_botocore(err)
+            if body_only:
+                retry = retry and bool({type(e).__name__ for e in _chain(err)} & BODY_ERRORS)
+            if retry and attempt < _config.retries:
+                wait = backoff_delay(attempt)
                 log.warning(
                     "store: transient %s on %s; retry %d/%d in %.2f s",
                     type(err).__name__, url, attempt + 1, _config.retries, wait,
@@ -327,7 +461,7 @@ def open_url(url: str, mode: str = "rb") -> Iterator[IO[bytes]]:
         if mode == "wb":
             _with_retries(lambda: Path(url).parent.mkdir(parents=True, exist_ok=True), url, write=True)
         handle = _with_retries(lambda: open(url, mode), url, write=mode == "wb")  # noqa: SIM115 - closed below
-    stream = _CountingReader(handle) if mode == "rb" else handle
+    stream = _CountingReader(handle, url if is_s3(url) else None) if mode == "rb" else handle
     try:
         yield stream
     finally:
@@ -485,7 +619,7 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_kw) -> IO[byte
     handle = _with_retries(
         lambda: fs.open(_s3_path(url), "rb", block_size=_config.block_size, cache_type="readahead"), url
     )
-    return _CountingReader(handle)
+    return _CountingReader(handle, url)
 
 
 def register_webdataset_s3() -> None:

@@ -5,7 +5,7 @@ An evaluation is a batch job, not a long-lived server, so it pushes instead of b
 
 | metric | labels | meaning |
 |---|---|---|
-| ``sslfer_eval_cells_total`` | checkpoint, task, dataset | (seed) cells to compute |
+| ``sslfer_eval_cells`` | checkpoint, task, dataset | (seed) cells to compute |
 | ``sslfer_eval_cells_done`` | checkpoint, task, dataset | cells finished, failed ones included |
 | ``sslfer_eval_cells_failed`` | checkpoint, task, dataset | cells that raised |
 | ``sslfer_eval_metric`` | checkpoint, task, dataset, metric | mean over seeds (pushed at the end) |
@@ -13,7 +13,8 @@ An evaluation is a batch job, not a long-lived server, so it pushes instead of b
 | ``sslfer_eval_finished`` | | 1 once results are pushed |
 | ``sslfer_eval_last_push_timestamp_seconds`` | | time of the push |
 
-Progress is pushed at most once a second (and always at the end). A gateway that cannot be reached is reported
+All are gauges (values set on each push, which replaces the group), so none ends in ``_total``. Progress is
+pushed at most once a second (and always at the end). A gateway that cannot be reached is reported
 once on stderr and never fails the evaluation. Scrape the gateway with ``honor_labels: true`` (see
 ``launch/dashboards/prometheus.yml``).
 """
@@ -35,7 +36,7 @@ class EvalPusher:
         self.url, self.run, self.min_interval_s = url, run, min_interval_s
         self.registry = r = CollectorRegistry()
         keys = ["checkpoint", "task", "dataset"]
-        self.total = Gauge("sslfer_eval_cells_total", "Evaluation cells (seeds) to compute", keys, registry=r)
+        self.total = Gauge("sslfer_eval_cells", "Evaluation cells (seeds) to compute", keys, registry=r)
         self.done = Gauge("sslfer_eval_cells_done", "Evaluation cells finished", keys, registry=r)
         self.failed = Gauge("sslfer_eval_cells_failed", "Evaluation cells that failed", keys, registry=r)
         self.mean = Gauge("sslfer_eval_metric", "Metric mean over seeds", [*keys, "metric"], registry=r)

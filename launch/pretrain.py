@@ -3,9 +3,15 @@
     deepspeed --num_gpus 2 launch/pretrain.py --config launch/configs/smoke.yaml run_dir=runs/x data.url=...
     torchrun --nproc_per_node 2 launch/pretrain.py --config ...
     python launch/pretrain.py --config ...            # one process
+    deepspeed --num_gpus 2 launch/pretrain.py --deepspeed --deepspeed_config ds.json --config ...
 
 Everything after ``--config PATH`` is ``key=value`` overrides (see ``pretrain/config.py``). The launchers'
 ``--local_rank``/``--local-rank`` arguments are accepted and ignored (the rank comes from the environment).
+DeepSpeed's own ``--deepspeed``/``--deepspeed_config FILE`` are accepted too: FILE's keys are merged into the
+DeepSpeed config the project derives from its config (monitors such as csv_monitor/tensorboard/wandb,
+comms_logger, flops_profiler, wall_clock_breakdown...); a key the project derives (batch sizes, optimizer,
+zero_optimization.stage, bf16, gradient_clipping...) with another value is an error naming the config key to
+change. The resolved DeepSpeed config is saved as RUN_DIR/ds_config.json.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +49,9 @@ class _HelpWithKeys(argparse.Action):
         parser.exit()
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
+    import deepspeed
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False
     )
@@ -54,8 +63,40 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_clips=16")
-    args = parser.parse_args(argv)
-    return args.config, args.overrides
+    # DeepSpeed's conventions: --deepspeed, --deepspeed_config FILE (and the deprecated --deepscale[_config]).
+    return deepspeed.add_config_arguments(parser)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``config``, ``overrides`` and ``deepspeed_config`` (the user's DeepSpeed JSON, or None)."""
+    # intermixed: DeepSpeed's options may come before, between or after the key=value overrides
+    args = build_parser().parse_intermixed_args(argv)
+    args.deepspeed_config = args.deepspeed_config or args.deepscale_config
+    return args
+
+
+def _launcher_world_size() -> int:
+    """The world size the launcher announced (torchrun/deepspeed, then Open MPI); 1 for a plain `python` start."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 1
+
+
+def use_deepspeed_config(cfg, path: str | None) -> None:
+    """Read the user's DeepSpeed JSON and check it against ``cfg`` now (one clear error, before any rank waits
+    for the others); the trainer merges it into the DeepSpeed config it builds."""
+    from pretrain import ds_config
+    from pretrain.config import resolve_global_batch
+
+    if path is None:
+        ds_config.use_user_config(None)
+        return
+    user = ds_config.load_user_config(path)
+    world = _launcher_world_size()
+    resolved = resolve_global_batch(cfg, world)
+    ds_config.merge_user_config(ds_config.build_ds_config(resolved, world), user, resolved, world, path)
+    ds_config.use_user_config(user, path)
 
 
 def enable_crash_stacks() -> None:
@@ -71,11 +112,12 @@ def enable_crash_stacks() -> None:
 def main(argv: list[str] | None = None) -> int:
     enable_crash_stacks()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config_path, overrides = parse_args(argv)
+    args = parse_args(argv)
     from pretrain.config import PretrainConfig
 
     try:
-        cfg = load_config(PretrainConfig, config_path, overrides)
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        use_deepspeed_config(cfg, args.deepspeed_config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from pretrain.checkpoint import Checkpointer, StopSignal
 from pretrain.collapse import CollapseDetector
 from pretrain.config import PretrainConfig, resolve_global_batch
 from pretrain.dataset import open_dataset
-from pretrain.ds_config import build_ds_config, lr_scheduler_factory
+from pretrain.ds_config import lr_scheduler_factory, resolve_ds_config, save_resolved, write_monitor_loss
 from pretrain.loss import DistributedInfoNCE, LossOutput
 from pretrain.model import ContrastiveEncoder, save_backbone
 from pretrain.pipelines import Batch, make_batch_pipeline
@@ -114,7 +114,10 @@ class Trainer:
         # channels_last weights are not.
         model = ContrastiveEncoder(cfg.model)
         self.loss_fn = DistributedInfoNCE(cfg.loss)
-        self.ds_config = build_ds_config(cfg, self.world_size)
+        # The project's DeepSpeed keys merged with the user's --deepspeed_config JSON (monitors, profilers...).
+        self.ds_config = resolve_ds_config(cfg, self.world_size)
+        if distributed.is_main():  # next to config.yaml: what DeepSpeed really ran with
+            save_resolved(self.ds_config, self.run_dir / "ds_config.json")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -166,6 +169,7 @@ class Trainer:
             return self._nonfinite_step(out, batch, lr)
         self.engine.backward(out.loss)
         self.engine.step()  # averages gradients over ranks, clips, Adam, LR schedule
+        write_monitor_loss(self.engine, out.loss)  # DeepSpeed's monitors, when the JSON enables one
         return StepResult(out.loss.detach(), out, batch.images.shape[0], lr)
 
     def _nonfinite_step(self, out: LossOutput, batch: Batch, lr: float) -> StepResult:

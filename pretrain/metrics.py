@@ -8,6 +8,9 @@ targets (:func:`publish_targets`, :func:`write_file_sd`); it is removed when the
 
 Per step the engine feeds only host-side numbers (timings, counts, LR: no device synchronisation); losses and
 MaskFN rates are set on logging steps from the values already reduced for ``metrics.jsonl``.
+
+Names follow Prometheus conventions (``promtool check metrics`` is clean, a test runs it): counters end in
+``_total``, base units (``_seconds``, ``_bytes``), fractions are ``_ratio`` (0..1), peaks say ``_peak``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from common.errors import ConfigError
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A checkpoint save (every rank's shards, then a mirror upload) takes seconds to minutes, not a step's time.
+CHECKPOINT_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0, 900.0)
 
 
 @dataclass
@@ -78,15 +83,17 @@ class TrainMetrics:
             "sslfer_step_seconds", "Wall time of a training step", names, buckets=STEP_BUCKETS, registry=r
         )
         self.data_wait_seconds = counter("sslfer_data_wait_seconds", "Time spent waiting for input batches")
-        self.data_wait_fraction = gauge("sslfer_data_wait_fraction", "Data wait / step time of the last step")
+        self.data_wait_ratio = gauge(
+            "sslfer_data_wait_ratio", "Data wait / step time of the last step (0..1)"
+        )
         self.allgather_seconds = counter("sslfer_allgather_seconds", "Time in the embedding all-gather")
         self.loss = gauge("sslfer_loss", "Training loss by term (total, l1, l2)", ["term"])
-        self.maskfn_pick_rate = gauge(
-            "sslfer_maskfn_pick_rate", "Fraction of rows where MaskFN picked a negative"
+        self.maskfn_pick_ratio = gauge(
+            "sslfer_maskfn_pick_ratio", "Fraction of rows where MaskFN picked a negative (0..1)"
         )
-        self.maskfn_same_identity_rate = gauge(
-            "sslfer_maskfn_same_identity_rate",
-            "Fraction of MaskFN picks that are the same-clip hard negative",
+        self.maskfn_same_identity_ratio = gauge(
+            "sslfer_maskfn_same_identity_ratio",
+            "Fraction of MaskFN picks that are the same-clip hard negative (0..1)",
         )
         self.positive_top1 = gauge(
             "sslfer_positive_top1_ratio", "Share of rows whose positive beats every negative (all ranks)"
@@ -96,11 +103,19 @@ class TrainMetrics:
             "1 when positive top-1 has stayed at chance for collapse.window_steps",
         )
         self.lr = gauge("sslfer_learning_rate", "Current learning rate")
-        self.device_memory = gauge("sslfer_device_memory_bytes", "Peak accelerator memory allocated")
-        self.host_memory = gauge("sslfer_host_memory_bytes", "Peak resident host memory of this rank")
+        self.device_memory_peak = gauge(
+            "sslfer_device_memory_peak_bytes", "Peak accelerator memory allocated by this rank"
+        )
+        self.host_memory_peak = gauge(
+            "sslfer_host_memory_peak_bytes", "Peak resident host memory of this rank"
+        )
         self.skipped = counter("sslfer_skipped_samples", "Samples skipped by reason", ["reason"])
         self.checkpoint_seconds = Histogram(
-            "sslfer_checkpoint_save_seconds", "Checkpoint save time", names, buckets=STEP_BUCKETS, registry=r
+            "sslfer_checkpoint_save_seconds",
+            "Checkpoint save time",
+            names,
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
         )
         self.store_bytes = counter("sslfer_store_read_bytes", "Bytes read from the object store / shards")
         self.port: int | None = None
@@ -155,7 +170,7 @@ class TrainMetrics:
         self._l(self.images).inc(images)
         self._l(self.step_seconds).observe(step_seconds)
         self._l(self.data_wait_seconds).inc(data_wait_seconds)
-        self._l(self.data_wait_fraction).set(data_wait_seconds / step_seconds if step_seconds > 0 else 0.0)
+        self._l(self.data_wait_ratio).set(data_wait_seconds / step_seconds if step_seconds > 0 else 0.0)
         self._l(self.allgather_seconds).inc(allgather_seconds)
         self._l(self.lr).set(lr)
         if loss is not None:
@@ -181,15 +196,15 @@ class TrainMetrics:
         if l2 is not None:
             self._l(self.loss, term="l2").set(l2)
         if pick_rate is not None:
-            self._l(self.maskfn_pick_rate).set(pick_rate)
+            self._l(self.maskfn_pick_ratio).set(pick_rate)
         if same_identity_rate is not None:
-            self._l(self.maskfn_same_identity_rate).set(same_identity_rate)
-        self._l(self.host_memory).set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            self._l(self.maskfn_same_identity_ratio).set(same_identity_rate)
+        self._l(self.host_memory_peak).set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         try:
             import torch
 
             if torch.cuda.is_available():
-                self._l(self.device_memory).set(torch.cuda.max_memory_allocated())
+                self._l(self.device_memory_peak).set(torch.cuda.max_memory_allocated())
         except ImportError:
             pass
 

@@ -70,7 +70,8 @@ def test_gpu_session_script_runs_every_part_on_cpu(tmp_path):
     for finish in ("trainer", "workers"):
         cfg = yaml.safe_load((out / f"pretrain_{finish}_config.yaml").read_text())
         # the paper config, with only the session's overrides
-        assert cfg["sampling"]["strategy"] == "timeaug" and cfg["faceswap"]["p"] == 0.8
+        assert cfg["sampling"]["strategy"] == "timeaug" and cfg["faceswap"]["p"] == 0.4
+        assert cfg["faceswap"]["start_step"] == 0  # the session measures steps with FaceSwap
         assert cfg["loss"]["fn_mode"] == "pick" and cfg["data"]["batch_clips"] == 2 and cfg["max_steps"] == 20
         assert cfg["data"]["finish_in"] == finish
         metrics = [json.loads(x) for x in (out / f"pretrain_{finish}_metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
-"""Prometheus exporter, scrape config, recording rules and Grafana dashboard agree with each other."""
+"""Prometheus exporter, scrape config, recording rules and Grafana dashboard agree with each other, and the
+exported names pass ``promtool check metrics`` (Prometheus's naming linter)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,32 @@ from pretrain.metrics import MetricsConfig, TrainMetrics, write_file_sd
 DASHBOARDS = Path(__file__).resolve().parents[1] / "launch" / "dashboards"
 
 
-def _exported_names(metrics: TrainMetrics) -> set[str]:
-    """Series names the exporter declares (a device-memory gauge has no sample on a CPU-only rank)."""
+def _exported_names(registry) -> set[str]:
+    """Series names a registry declares (a device-memory gauge has no sample on a CPU-only rank)."""
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
-    return {f.name + s for f in metrics.registry.collect() for s in suffixes[f.type]}
+    return {f.name + s for f in registry.collect() for s in suffixes[f.type]}
+
+
+def _eval_pusher(capsys=None):
+    """An EvalPusher with progress and results (its gateway is unreachable: it warns once and carries on)."""
+    from eval.pushgateway import EvalPusher
+    from launch.services import free_port
+
+    pusher = EvalPusher(f"http://127.0.0.1:{free_port()}", "lint", [("a", "expression", "d")] * 2)
+    pusher.cell_done(type("Cell", (), {"checkpoint": "a", "task": "expression", "dataset": "d"})(), 0.5)
+    pusher.results({"a": {"expression": {"d": {"metrics": {"linear_macro_f1": {"mean": 0.5, "std": 0.1}}}}}})
+    return pusher
+
+
+def _promtool_check_metrics(text: str) -> subprocess.CompletedProcess:
+    promtool = shutil.which("promtool")
+    assert promtool, (
+        "promtool is not installed: it lints metric names (`promtool check metrics`); install the Debian "
+        "package `prometheus` (make setup as root, or apt-get install prometheus)"
+    )
+    return subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
 
 
 def _observed_metrics() -> TrainMetrics:
@@ -52,7 +75,7 @@ def test_exporter_values_and_labels():
     m = _observed_metrics()
     text = generate_latest(m.registry).decode()
     assert 'sslfer_images_total{node="n0",rank="1",run="unit"} 16.0' in text
-    assert 'sslfer_data_wait_fraction{node="n0",rank="1",run="unit"} 0.25' in text
+    assert 'sslfer_data_wait_ratio{node="n0",rank="1",run="unit"} 0.25' in text
     # Skip counts are synced as cumulative totals: 2 then 3 -> 3, never double counted.
     assert 'sslfer_skipped_samples_total{node="n0",rank="1",reason="corrupt_jpeg",run="unit"} 3.0' in text
     assert 'term="l2"' in text and "job=" not in text
@@ -73,19 +96,80 @@ def test_http_exporter_serves_loopback_only():
 
 
 def test_dashboard_queries_name_exported_metrics():
-    exported = _exported_names(_observed_metrics())
+    exported = _exported_names(_observed_metrics().registry) | _exported_names(_eval_pusher().registry)
     dashboard = json.loads((DASHBOARDS / "grafana_sslfer.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    exprs += [dashboard["templating"]["list"][1]["query"]]
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
     exprs += [
         r["expr"]
         for g in __import__("yaml").safe_load((DASHBOARDS / "recording_rules.yml").read_text())["groups"]
         for r in g["rules"]
     ]
-    used = {name for e in exprs for name in re.findall(r"\bsslfer_[a-z_]+\b", e)}
-    assert len(used) >= 10
+    used = {name for e in exprs for name in re.findall(r"\bsslfer_[a-z0-9_]+\b", e)}
+    assert len(used) >= 20 and "sslfer_positive_top1_ratio" in used
     missing = sorted(used - exported)
     assert not missing, f"dashboard/rules use metrics the exporter does not export: {missing}"
+
+
+def test_dashboard_conventions():
+    """Rates follow Grafana's $__rate_interval; the evaluation and collapse panels are there."""
+    dashboard = json.loads((DASHBOARDS / "grafana_sslfer.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert not [e for e in exprs if "[1m]" in e]
+    assert sum("[$__rate_interval]" in e for e in exprs) >= 8
+    titles = {p["title"]: p for p in dashboard["panels"]}
+    assert "Positive top-1 / collapse suspected" in titles
+    evaluation = [t for p in dashboard["panels"] if p["title"].startswith("Evaluation") for t in p["targets"]]
+    assert any("sslfer_eval_metric" in t["expr"] for t in evaluation)
+    assert any("sslfer_eval_cells_done" in t["expr"] for t in evaluation)
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_metric_names_follow_prometheus_conventions():
+    """Gauges never end in _total, fractions are _ratio, peaks say so; checkpoint saves get minute buckets."""
+    registries = {"train": _observed_metrics().registry, "eval": _eval_pusher().registry}
+    for where, registry in registries.items():
+        for family in registry.collect():
+            if family.type != "counter":
+                assert not family.name.endswith("_total"), (where, family.name)
+            # fractions are _ratio (the learning rate is a rate, not a fraction)
+            assert not re.search(r"(_fraction|_percent|(?<!_learning)_rate)$", family.name), (
+                where,
+                family.name,
+            )
+    names = {f.name for f in registries["train"].collect()}
+    assert {
+        "sslfer_data_wait_ratio",
+        "sslfer_maskfn_pick_ratio",
+        "sslfer_maskfn_same_identity_ratio",
+    } <= names
+    assert {"sslfer_device_memory_peak_bytes", "sslfer_host_memory_peak_bytes"} <= names
+    assert "sslfer_eval_cells" in {f.name for f in registries["eval"].collect()}
+    m = _observed_metrics()
+    m.observe_checkpoint(150.0)  # a save of 2.5 minutes lands in a finite bucket, not only in +Inf
+    text = generate_latest(m.registry).decode()
+    buckets = re.findall(r'sslfer_checkpoint_save_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)', text)
+    finite = [float(le) for le, _ in buckets if le != "+Inf"]
+    assert max(finite) >= 300 and {le: float(v) for le, v in buckets}["180.0"] == 2.0
+    step_buckets = re.findall(r'sslfer_step_seconds_bucket\{[^}]*le="([^"]+)"', text)
+    assert finite != [float(le) for le in step_buckets if le != "+Inf"]
+
+
+def test_promtool_check_metrics_on_a_scraped_exporter_and_the_eval_push():
+    """What Prometheus scrapes from a real exporter (and what an evaluation pushes) passes promtool's linter."""
+    m = _observed_metrics()
+    m.set_health(positive_top1=0.5, collapse_suspected=False)
+    port = m.start(0)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        m.stop()
+    assert "sslfer_checkpoint_save_seconds_bucket" in body and "sslfer_positive_top1_ratio" in body
+    for name, text in (("exporter", body), ("eval push", generate_latest(_eval_pusher().registry).decode())):
+        out = _promtool_check_metrics(text)
+        assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), (
+            f"promtool check metrics ({name}):\n{out.stdout}{out.stderr}"
+        )
 
 
 def test_dashboard_json_is_current():
@@ -163,7 +247,7 @@ def test_step_counters_without_losses_then_losses_on_log_steps():
     m.set_losses(1.5, 1.0, 0.625, pick_rate=1.0, same_identity_rate=0.5)
     text = generate_latest(m.registry).decode()
     assert 'sslfer_loss{node="n0",rank="0",run="split",term="l2"} 0.625' in text
-    assert 'sslfer_maskfn_same_identity_rate{node="n0",rank="0",run="split"} 0.5' in text
+    assert 'sslfer_maskfn_same_identity_ratio{node="n0",rank="0",run="split"} 0.5' in text
 
 
 def test_metrics_config_errors_name_the_key():

@@ -130,6 +130,8 @@ def test_prometheus_rate_agrees_with_trainer_log(tmp_path):
             gather = query_at(prom, f'sum(sslfer_allgather_seconds_total{{run="{run}"}})', at)
             store = query_at(prom, f'sum(sslfer_store_read_bytes_total{{run="{run}"}})', at)
             loss = query_at(prom, f'sslfer_loss{{run="{run}",term="l2"}}', at)
+            wait = query_at(prom, f'sslfer_data_wait_ratio{{run="{run}"}}', at)
+            host_peak = query_at(prom, f'sslfer_host_memory_peak_bytes{{run="{run}"}}', at)
         finally:
             stop_run(proc)
         every = log_lines(run_dir)
@@ -154,6 +156,8 @@ def test_prometheus_rate_agrees_with_trainer_log(tmp_path):
         assert float(gather[0]["value"][1]) > 0  # the all-gather is timed for real
         assert float(store[0]["value"][1]) > 0  # shard bytes read
         assert loss and float(loss[0]["value"][1]) > 0
+        assert len(wait) == 2 and all(0 <= float(w["value"][1]) <= 1 for w in wait)  # a ratio, per rank
+        assert len(host_peak) == 2 and all(float(h["value"][1]) > 2**20 for h in host_peak)
     # The run removed its targets when it ended.
     assert not (targets / f"{run}.json").exists()
 
@@ -195,7 +199,7 @@ def test_eval_pushes_progress_and_results_to_pushgateway(tmp_path):
             if all(s.labels.get(k) == v for k, v in key.items()) and "metric" not in s.labels
         }
         assert (
-            got["sslfer_eval_cells_total"] == got["sslfer_eval_cells_done"] == 2
+            got["sslfer_eval_cells"] == got["sslfer_eval_cells_done"] == 2
             and got["sslfer_eval_cells_failed"] == 0
         )
         for metric, summary in doc["results"][name][task]["toy-eval"]["metrics"].items():

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import logging
 import socket
 import tarfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -126,6 +129,134 @@ def test_transient_errors_are_retried_with_a_bound():
     with pytest.raises(ConnectionResetError):
         store._with_retries(always_down, "s3://b/x")
     assert len(calls) == 3  # first try + 2 retries
+
+
+def _fake_env(monkeypatch, url: str) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fake-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+def test_s3_requests_use_botocore_standard_retries(monkeypatch):
+    """store.retries becomes botocore's standard-mode attempts; s3fs's own (unjittered) retry loop is off."""
+    _fake_env(monkeypatch, f"http://127.0.0.1:{closed_port()}")
+    store.configure(StoreConfig(retries=6))
+    fs = store._filesystem()
+    assert fs.s3.meta.config.retries == {"mode": "standard", "total_max_attempts": 7}
+    assert fs.retries == 1
+
+
+def test_unreachable_endpoint_is_retried_by_botocore_only(monkeypatch, caplog):
+    """Refused connections: botocore retries each request store.retries times (logged), no second layer on top."""
+    _fake_env(monkeypatch, f"http://127.0.0.1:{closed_port()}")
+    store.configure(StoreConfig(retries=3, backoff_s=0.01, backoff_max_s=0.02))
+    with caplog.at_level(logging.WARNING, logger="data_shards.store"):
+        with pytest.raises(StoreError, match="cannot reach the S3 endpoint"):
+            store.read_bytes("s3://bucket/prefix/manifest.json")
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == 3, retries
+    assert all("EndpointConnectionError" in m and "/bucket/prefix/manifest.json" in m for m in retries), (
+        retries
+    )
+    assert [m.split("retry ")[1].split(" ")[0] for m in retries] == ["1/3", "2/3", "3/3"]
+
+
+class _FlakyS3(BaseHTTPRequestHandler):
+    """A store that answers HEAD with 503 (Service Unavailable) ``failures`` times, then 200."""
+
+    failures = 2
+    seen: list[str] = []
+
+    def do_HEAD(self):  # noqa: N802 - http.server's name
+        type(self).seen.append(self.path)
+        status = 503 if len(type(self).seen) <= type(self).failures else 200
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_5xx_is_retried_by_botocore_with_jittered_waits(monkeypatch, caplog):
+    _FlakyS3.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyS3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        _fake_env(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
+        store.configure(StoreConfig(retries=4, backoff_s=0.01, backoff_max_s=0.05))
+        with caplog.at_level(logging.WARNING, logger="data_shards.store"):
+            store.check_access("s3://bucket/prefix")  # HEAD bucket: 503, 503, 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(_FlakyS3.seen) == 3
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == 2 and all("HTTP 503" in m and "HeadBucket" in m for m in retries), retries
+
+
+def test_backoff_is_full_jitter_under_the_store_caps(monkeypatch):
+    cfg = StoreConfig(backoff_s=0.25, backoff_max_s=1.0)
+
+    class Top:
+        def uniform(self, low, high):
+            return high
+
+    monkeypatch.setattr(store, "_JITTER", Top())
+    assert [store.backoff_delay(a, cfg) for a in range(5)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    monkeypatch.undo()
+    waits = [store.backoff_delay(3, cfg) for _ in range(200)]
+    assert all(0 <= w <= 1.0 for w in waits)
+    assert min(waits) < 0.2 and max(waits) > 0.8  # spread over [0, cap]: ranks do not retry in lockstep
+
+
+def test_botocore_errors_are_final_body_errors_are_retried():
+    from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
+
+    store.configure(StoreConfig(retries=2, backoff_s=0.001))
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+    with pytest.raises(StoreError, match="cannot reach"):
+        store._with_retries(refused, "s3://b/x")
+    assert len(calls) == 1  # botocore already spent the retries on this request
+
+    calls.clear()
+
+    def cut_body():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ResponseStreamingError(error=ConnectionResetError("reset mid-body"))
+        return b"ok"
+
+    assert store._with_retries(cut_body, "s3://b/x") == b"ok" and len(calls) == 3
+
+
+def test_an_open_object_retries_a_read_cut_mid_body():
+    from botocore.exceptions import ResponseStreamingError
+
+    store.configure(StoreConfig(retries=2, backoff_s=0.001))
+
+    class Raw:
+        fails = 1
+
+        def read(self, size=-1):
+            if self.fails:
+                self.fails -= 1
+                raise ResponseStreamingError(error=ConnectionResetError("reset"))
+            return b"abc"
+
+    before = store.bytes_read()
+    assert store._CountingReader(Raw(), "s3://b/x").read(3) == b"abc"
+    assert store.bytes_read() - before == 3
+    with pytest.raises(ResponseStreamingError):  # a local file's reader never retries
+        store._CountingReader(Raw(), None).read(3)
 
 
 def test_webdataset_streams_a_shard_from_the_real_store(s3_env, tmp_path):

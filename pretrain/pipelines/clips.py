@@ -68,7 +68,7 @@ def resilient_reader(read, handler, sleep=time.sleep):
                         f"{store.endpoint() or '(unset: AWS default)'} is up and reachable from this host"
                     ) from err
                 log.warning("store error reading %s (%s); retry %d/%d", url, err, attempt + 1, cfg.retries)
-                sleep(min(cfg.backoff_s * 2**attempt, cfg.backoff_max_s))
+                sleep(store.backoff_delay(attempt, cfg))  # full jitter: ranks do not retry in lockstep
                 attempt += 1
 
     return read_shard

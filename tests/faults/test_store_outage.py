@@ -1,8 +1,9 @@
 """The object store (real SeaweedFS, dataset + checkpoint mirror) killed during training.
 
 Restarted on the same port and data directory within the retry budget: reads and checkpoint uploads retry
-with backoff and the run ends exactly as an uninterrupted one. Left down: a clear error once the configured
-retries are spent, and the last checkpoint intact. Secrets never reach the output or the run directory.
+(botocore's standard mode, jittered backoff; a shard cut mid-read is re-opened) and the run ends exactly as an
+uninterrupted one. Left down: a clear error once the configured retries are spent, and the last checkpoint
+intact. Secrets never reach the output or the run directory.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from tests.faults.conftest import (
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-# Retry policy of these runs: 10 retries, 0.2 s doubling to at most 1 s (~8.4 s of backoff, plus the
-# 1 s connect timeouts), so a restart of a few seconds is ridden out and a dead store ends the run in ~20 s.
-STORE_ARGS = ["store.retries=10", "store.backoff_s=0.2", "store.backoff_max_s=1.0", "store.connect_timeout_s=1.0",
+# Retry policy of these runs: 20 retries per request, full jitter under caps of 0.2 s doubling to 1 s (each wait
+# is random in [0, cap]: ~9 s of backoff expected, at least ~5 s with overwhelming probability; the sum of the
+# caps is 18.4 s), so a restart of a few seconds is ridden out and a dead store ends the run in well under 90 s.
+STORE_ARGS = ["store.retries=20", "store.backoff_s=0.2", "store.backoff_max_s=1.0", "store.connect_timeout_s=1.0",
               "store.read_timeout_s=5.0"]  # fmt: skip
 RETRY_LINE = re.compile(r"retry \d+/\d+")
 
