@@ -49,7 +49,9 @@ for method in simclr sslfer; do
   [ "$method" = simclr ] && config=launch/configs/demo_simclr.yaml
   echo "[demo] 3/4 pretraining $method on 2 CPU ranks ($STEPS steps, $config)"
   # demo.yaml's FaceSwap curriculum is set for 3000 steps: a third without FaceSwap, a third ramping it in
-  deepspeed --num_gpus 2 launch/pretrain.py --config "$config" \
+  # a free rendezvous port: the default 29500 may be taken by another run on this machine
+  port=$(python -c "from pretrain.distributed import free_port; print(free_port())")
+  deepspeed --num_gpus 2 --master_port "$port" launch/pretrain.py --config "$config" \
     run_dir="$DEMO_DIR/$method" data.url="$PRETRAIN_URL" max_steps="$STEPS" seed="$SEED" resume=never \
     faceswap.start_step=$((STEPS / 3)) faceswap.p_warmup_steps=$((STEPS / 3))
 done
