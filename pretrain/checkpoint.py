@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -52,15 +53,23 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain values and tensors, so the file loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}  # fmt: skip
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -223,11 +232,26 @@ class Checkpointer:
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint files in {path}")
         rank = distributed.get_rank()
-        rank_file = path / f"rank-{rank:05d}.pt"
-        state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        state = load_rank_state(path / f"rank-{rank:05d}.pt")
         set_rng_state(state.pop("rng"))
         state.update(step=int(client["step"]), epoch=int(client["epoch"]), meta=meta)
         return state
+
+
+def load_rank_state(rank_file: Path) -> dict[str, Any]:
+    """A rank's own training state (stream position, RNG states, counters), read with ``weights_only=True``:
+    a file holding anything but plain values and tensors is refused, and nothing in it runs."""
+    try:
+        state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{rank_file} holds objects other than plain values and tensors, so it is not loaded (a checkpoint "
+            "from an older version of the project, or a tampered file); resume from another checkpoint or "
+            "start with resume=never"
+        ) from err
+    if not isinstance(state, dict) or "rng" not in state:
+        raise CheckpointError(f"{rank_file} is not a rank state written by this project")
+    return state
 
 
 def _write_atomic(path: Path, text: str) -> None:
