@@ -109,11 +109,24 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ finding checkpoints
     def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names; when that pointer is missing or names no complete checkpoint, the
+        newest complete ``step-*`` folder (said in the log), so a broken pointer never restarts a run."""
         pointer = self.dir / LATEST
-        if not pointer.is_file():
+        named = self.dir / pointer.read_text().strip() if pointer.is_file() else None
+        if named is not None and (named / "meta.json").is_file():
+            return named
+        complete = sorted(p for p in self.dir.glob("step-*") if (p / "meta.json").is_file())
+        if not complete:
             return None
-        path = self.dir / pointer.read_text().strip()
-        return path if (path / "meta.json").is_file() else None
+        why = (
+            f"'{LATEST}' names {named.name}, which is not a complete checkpoint"
+            if named
+            else f"no '{LATEST}'"
+        )
+        log.warning(
+            "%s in %s: resuming from the newest complete checkpoint, %s", why, self.dir, complete[-1].name
+        )
+        return complete[-1]
 
     def resolve(self, resume: str) -> Path | None:
         """``resume`` setting -> checkpoint folder to load (None: start fresh)."""
