@@ -41,24 +41,6 @@ def test_rank_state_round_trips_every_rng_exactly(tmp_path):
     assert state == {"stream": {"epoch": 2, "consumed": [3, 4]}}
 
 
-def test_a_broken_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
-    from pretrain.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(tmp_path)
-    for step in (100, 200, 300):
-        folder = ckpt.dir / f"step-{step:08d}"
-        folder.mkdir(parents=True)
-        if step != 300:  # step 300 was never completed (no meta.json)
-            (folder / "meta.json").write_text("{}")
-    (ckpt.dir / "latest").write_text("step-00000300")
-    assert ckpt.latest().name == "step-00000200"
-    assert "resuming from the newest complete checkpoint" in caplog.text
-    (ckpt.dir / "latest").unlink()
-    assert ckpt.resolve("auto").name == "step-00000200"
-    (ckpt.dir / "latest").write_text("step-00000100")
-    assert ckpt.latest().name == "step-00000100"  # a valid pointer is followed as it is
-
-
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
     from pretrain.engine import _truncate_metrics
 
