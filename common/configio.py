@@ -168,11 +168,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, section by section (nested mappings merge; anything else is replaced)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -219,14 +220,14 @@ def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any
     if not isinstance(base, str) or not base:
         raise ConfigError(f"config file '{path}': '{BASE_KEY}' must be a YAML file path, got {base!r}")
     # Relative to the file that names it, so a config works from any working directory.
-    return _deep_merge(_read_config_file(path.parent / base, (*chain, path)), data)
+    return deep_merge(_read_config_file(path.parent / base, (*chain, path)), data)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Defaults <- base files (``base:``, deepest first) <- YAML file <- ``key=value`` overrides, checked
     against ``cls``."""
     data = _read_config_file(Path(path)) if path is not None else {}
-    data = _deep_merge(data, parse_overrides(overrides or []))
+    data = deep_merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
 
 

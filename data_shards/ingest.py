@@ -596,40 +596,17 @@ def main(argv: list[str] | None = None) -> int:
     if any(s.kind == "video" for s in sources) and video_backend() is None:
         print(f"warning: {NO_DECODER_HELP}; video files will be skipped", file=sys.stderr)
 
-    from data_shards import store
-    from data_shards.write import ShardWriter
+    def run(ingestor: Ingestor, writer) -> None:
+        ingestor.run(sources)
 
-    try:
-        store.check_access(cfg.out, write=True)
-        aligner = FaceAligner(cfg.face)
-    except (store.StoreError, FaceModelError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    def report(ingestor: Ingestor, seconds: float) -> int:
+        print(format_summary(ingestor.stats, len(ingestor.identities), seconds), file=sys.stderr)
+        if not ingestor.stats["clips"]:
+            print("error: no clip was written (see the skipped counts above)", file=sys.stderr)
+            return 1
+        return 0
 
-    generator = {"name": "ingest", **asdict(cfg)}
-    started = time.monotonic()
-    try:
-        with ShardWriter(
-            cfg.out,
-            kind="clips",
-            split=cfg.split,
-            generator=generator,
-            max_samples=cfg.shard_samples,
-            max_bytes=cfg.shard_bytes,
-        ) as writer:
-            writer.skips.log_first = 0  # ingest names each bad file itself; avoid the writer repeating it
-            ingestor = Ingestor(cfg, writer, aligner)
-            ingestor.run(sources)
-    except store.StoreError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(
-        format_summary(ingestor.stats, len(ingestor.identities), time.monotonic() - started), file=sys.stderr
-    )
-    if not ingestor.stats["clips"]:
-        print("error: no clip was written (see the skipped counts above)", file=sys.stderr)
-        return 1
-    return 0
+    return _ingest_into_shards(cfg, "clips", {"name": "ingest", **asdict(cfg)}, run, report)
 
 
 def _main_images(cfg: IngestConfig) -> int:
@@ -644,6 +621,29 @@ def _main_images(cfg: IngestConfig) -> int:
         print(f"error: no images ({exts}, any case) under {root}", file=sys.stderr)
         return 2
 
+    video_only = ("videos", "fps", "frames_fps", "min_clip_frames", "max_clip_frames", "max_seconds")
+    generator = {"name": "ingest", "input": "images"}
+    generator.update((k, v) for k, v in asdict(cfg).items() if k not in video_only)
+
+    def run(ingestor: Ingestor, writer) -> None:
+        ingestor.run_images(root, paths)
+        if not ingestor.stats["faces"]:
+            writer.abort()  # no dataset without a single image: nothing is committed
+
+    def report(ingestor: Ingestor, seconds: float) -> int:
+        print(format_image_summary(ingestor, seconds), file=sys.stderr)
+        if not ingestor.stats["faces"]:
+            print("error: no face image was written (see the skipped images above)", file=sys.stderr)
+            return 1
+        return 0
+
+    return _ingest_into_shards(cfg, "frames", generator, run, report)
+
+
+def _ingest_into_shards(cfg: IngestConfig, kind: str, generator: dict, run, report) -> int:
+    """Check the destination and the face model, run ``run(ingestor, writer)`` into a ShardWriter of ``kind``
+    (its manifest is written last), then ``report(ingestor, seconds)`` gives the exit code; store errors are one
+    line and exit 2."""
     from data_shards import store
     from data_shards.write import ShardWriter
 
@@ -653,32 +653,25 @@ def _main_images(cfg: IngestConfig) -> int:
     except (store.StoreError, FaceModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    video_only = ("videos", "fps", "frames_fps", "min_clip_frames", "max_clip_frames", "max_seconds")
-    generator = {"name": "ingest", "input": "images"}
-    generator.update((k, v) for k, v in asdict(cfg).items() if k not in video_only)
     started = time.monotonic()
     try:
         with ShardWriter(
             cfg.out,
-            kind="frames",
+            kind=kind,
             split=cfg.split,
             generator=generator,
             max_samples=cfg.shard_samples,
             max_bytes=cfg.shard_bytes,
         ) as writer:
-            writer.skips.log_first = 0  # the ingestor names each bad image itself
+            writer.skips.log_first = (
+                0  # the ingestor names each bad file itself; the writer does not repeat it
+            )
             ingestor = Ingestor(cfg, writer, aligner)
-            ingestor.run_images(root, paths)
-            if not ingestor.stats["faces"]:
-                writer.abort()  # no dataset without a single image: nothing is committed
+            run(ingestor, writer)
     except store.StoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_image_summary(ingestor, time.monotonic() - started), file=sys.stderr)
-    if not ingestor.stats["faces"]:
-        print("error: no face image was written (see the skipped images above)", file=sys.stderr)
-        return 1
-    return 0
+    return report(ingestor, time.monotonic() - started)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.configio import deep_merge
 from common.errors import ConfigError
 
 
@@ -198,16 +199,6 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def merge_user_config(
     project: dict[str, Any], user: dict[str, Any], cfg, world_size: int, source: str = "the DeepSpeed JSON"
 ) -> dict[str, Any]:
@@ -247,7 +238,7 @@ def merge_user_config(
             f"--deepspeed_config {source}: {what} with the project config (drop {them} from the JSON, or change "
             "the config key named): " + "; ".join(conflicts)
         )
-    return _deep_merge(project, user)
+    return deep_merge(project, user)
 
 
 # The user's JSON for this process (launch/pretrain.py sets it from --deepspeed_config), like store.configure.

@@ -9,13 +9,17 @@ from data_shards.synth import SynthConfig, iter_clips
 from data_shards.write import ShardWriter
 
 
-def _shard(tmp_path):
-    url = tmp_path / "clips"
+def _write(url, max_samples: int = 8):
+    """Three small SynthFace clips written by the project's writer, ``max_samples`` per shard."""
     cfg = SynthConfig(identities=3, clips_per_identity=1, seconds=2.0, size=32, seed=0)
-    with ShardWriter(str(url), "clips", "pretrain", {}, max_samples=8) as writer:
+    with ShardWriter(str(url), "clips", "pretrain", {}, max_samples=max_samples) as writer:
         for clip in iter_clips(cfg):
             writer.write_clip(clip)
-    return url / "shard-000000.tar"
+
+
+def _shard(tmp_path):
+    _write(tmp_path / "clips")
+    return tmp_path / "clips" / "shard-000000.tar"
 
 
 def test_index_matches_dalis_own_tool(tmp_path):
@@ -52,16 +56,11 @@ def test_dali_webdataset_reader_reads_the_shard_with_the_index(tmp_path):
 
 def test_the_writer_publishes_an_index_beside_each_shard_and_cleans_it_with_its_version(tmp_path):
     url = tmp_path / "clips"
-    cfg = SynthConfig(identities=3, clips_per_identity=1, seconds=2.0, size=32, seed=0)
-    with ShardWriter(str(url), "clips", "pretrain", {}, max_samples=2) as writer:
-        for clip in iter_clips(cfg):
-            writer.write_clip(clip)
+    _write(url, max_samples=2)
     shards = sorted(p.name for p in url.glob("*.tar"))
     assert sorted(p.name for p in url.glob("*.idx")) == [s.replace(".tar", ".idx") for s in shards]
     assert (url / "shard-000000.idx").read_text() == write_index(
         url / "shard-000000.tar", tmp_path / "x"
     ).read_text()
-    with ShardWriter(str(url), "clips", "pretrain", {}, max_samples=4) as writer:  # a new version replaces it
-        for clip in iter_clips(cfg):
-            writer.write_clip(clip)
+    _write(url, max_samples=4)  # a new version replaces it
     assert sorted(p.stem for p in url.glob("*.idx")) == sorted(p.stem for p in url.glob("*.tar"))

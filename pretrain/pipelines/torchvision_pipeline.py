@@ -40,7 +40,6 @@ from PIL import Image, ImageDraw
 
 from data_shards.jpeg_header import check_jpeg, max_side_for
 from pretrain.augment import MASK_REGIONS, AugmentConfig
-from pretrain.dataset import Dataset
 from pretrain.faceswap import FaceSwapConfig, face_swap_reference
 from pretrain.pipelines.base import Batch, ClipBatchPipeline
 from pretrain.pipelines.clips import ClipGroup, clip_identity, device_seed, frame_landmarks, replacement_row
@@ -179,16 +178,7 @@ class TorchvisionBatchPipeline(ClipBatchPipeline):
     """The pipeline interface and clip groups of the other pipelines, with the per-sample torchvision DataLoader
     inside."""
 
-    def __init__(
-        self,
-        cfg,
-        rank: int,
-        world_size: int,
-        device: torch.device | str = "cpu",
-        dataset: Dataset | None = None,
-    ):
-        super().__init__(cfg, rank, world_size, device, dataset)
-        self._loader_iter = None
+    _loader_iter = None  # the DataLoader iterator of the epoch being read
 
     def __iter__(self):
         self.close()
@@ -242,6 +232,6 @@ class TorchvisionBatchPipeline(ClipBatchPipeline):
         )
 
     def close(self) -> None:
-        it, self._loader_iter = getattr(self, "_loader_iter", None), None
+        it, self._loader_iter = self._loader_iter, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
