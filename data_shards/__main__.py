@@ -18,9 +18,10 @@ from common.errors import ConfigError
 DELEGATED = {
     "contact-sheet": ("data_shards.synth.cli", "main_contact_sheet", "a grid of SynthFace frames (PNG)"),
     "ingest": (
-        "data_shards.ingest",
+        "data_shards.ray_ingest",  # the single-process ingest, or with --ray [ADDRESS] Ray tasks
         "main",
-        "--videos DIR: videos / frame folders -> aligned clip shards; --images DIR: photos -> frames shards",
+        "--videos DIR: videos / frame folders -> aligned clip shards; --images DIR: photos -> frames shards"
+        " [--ray [ADDRESS]: fanned out on Ray]",
     ),
 }
 

@@ -17,6 +17,9 @@ MaskFN; docs/data.md "Image datasets").
 
 Bad input (no face, unreadable file, undecodable video) is reported per file, counted by reason in the manifest's
 ``skipped`` and never stops the run; the manifest is written last, when every shard is in place.
+
+``python -m data_shards ingest ... --ray [ADDRESS]`` runs the same `Ingestor` as Ray tasks, one per shard-sized
+unit of the inputs, resumable after a crash (`data_shards.ray_ingest`).
 """
 
 from __future__ import annotations
@@ -303,6 +306,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
 
 
+def source_stem(src: Source) -> str:
+    """The key stem of a source's clips (``<stem>-c000``, ...)."""
+    return slug(Path(src.name).with_suffix("").as_posix() if src.kind == "video" else src.name)
+
+
+def image_stem(name: str) -> str:
+    """The sample key of a photo (its path under the input root, without suffix)."""
+    return slug(Path(name).with_suffix("").as_posix())
+
+
 @dataclass
 class _Clip:
     jpegs: list[bytes] = field(default_factory=list)
@@ -314,14 +327,23 @@ class _Clip:
 class Ingestor:
     """Turns sources into clips on a sink; `stats` counts everything by reason."""
 
-    def __init__(self, cfg: IngestConfig, sink: ClipSink, aligner: FaceAligner | None = None):
+    def __init__(
+        self,
+        cfg: IngestConfig,
+        sink: ClipSink,
+        aligner: FaceAligner | None = None,
+        stems: dict[str, str] | None = None,
+    ):
         self.cfg = cfg
         self.sink = sink
         self.aligner = aligner or FaceAligner(cfg.face)
         self.stats: Counter[str] = Counter()
         self.identities: set[str] = set()
         self._keys: set[str] = set()
-        self.failed: list[tuple[str, str]] = []  # --images: (file, reason) of every image left out
+        # (input, reason) of every image left out and every video that could not be read to its end
+        self.failed: list[tuple[str, str]] = []
+        # Key stem per source name, assigned by a distributed plan so keys stay unique across its tasks.
+        self.stems = stems or {}
 
     def _skip(self, reason: str, detail: str) -> None:
         self.stats[f"skipped.{reason}"] += 1
@@ -341,8 +363,7 @@ class Ingestor:
         if len(clip.jpegs) < self.cfg.min_clip_frames:
             self._skip("short_clip", f"{src.name}: {len(clip.jpegs)} frames < {self.cfg.min_clip_frames}")
             return index
-        stem = Path(src.name).with_suffix("").as_posix() if src.kind == "video" else src.name
-        key = self._unique_key(f"{slug(stem)}-c{index:03d}")
+        key = self._unique_key(f"{self.stems.get(src.name) or source_stem(src)}-c{index:03d}")
         meta = {
             "clip_id": key,
             "identity_id": src.identity_id,
@@ -407,10 +428,12 @@ class Ingestor:
             reason = "no_video_decoder" if isinstance(err, NoVideoDecoder) else "unreadable_video"
             log.warning("video skipped: %s", err)
             self._skip(reason, str(err))
+            self.failed.append((src.name, reason))
             return
         except VideoDecodeError as err:  # keep the clips decoded so far
             log.warning("video decoding stopped early: %s", err)
             self._skip("video_decode_error", str(err))
+            self.failed.append((src.name, "video_decode_error"))
         finally:
             self.stats["frames_sampled"] += sampled
         self._flush(src, clip, index)
@@ -430,8 +453,9 @@ class Ingestor:
         self.failed.append((name, reason))
         self._skip(reason, detail)
 
-    def ingest_image(self, root: Path, path: Path) -> None:
-        """One photo -> one ``frames`` sample (the aligned crop of its largest face), or a counted skip."""
+    def ingest_image(self, root: Path, path: Path, key: str | None = None) -> None:
+        """One photo -> one ``frames`` sample (the aligned crop of its largest face), or a counted skip.
+        ``key``: the sample key a distributed plan assigned (default: from the file's path)."""
         name = path.relative_to(root).as_posix() if path != root else path.name
         self.stats["images"] += 1
         try:
@@ -443,7 +467,7 @@ class Ingestor:
         if face is None:
             self._image_failed(name, "no_face", f"{name}: no face found")
             return
-        key = self._unique_key(slug(Path(name).with_suffix("").as_posix()))
+        key = self._unique_key(key or image_stem(name))
         identity = path.parent.name if self.cfg.identity_from == "folder" else key
         from data_shards.readers import frame_meta
 
@@ -606,7 +630,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
 
-    return _ingest_into_shards(cfg, "clips", {"name": "ingest", **asdict(cfg)}, run, report)
+    return _ingest_into_shards(cfg, "clips", generator_of(cfg), run, report)
+
+
+def generator_of(cfg: IngestConfig) -> dict:
+    """The manifest's ``generator`` record of an ingest: its settings (for --images, the video-only ones left out)."""
+    if not cfg.images:
+        return {"name": "ingest", **asdict(cfg)}
+    video_only = ("videos", "fps", "frames_fps", "min_clip_frames", "max_clip_frames", "max_seconds")
+    generator = {"name": "ingest", "input": "images"}
+    generator.update((k, v) for k, v in asdict(cfg).items() if k not in video_only)
+    return generator
 
 
 def _main_images(cfg: IngestConfig) -> int:
@@ -621,9 +655,7 @@ def _main_images(cfg: IngestConfig) -> int:
         print(f"error: no images ({exts}, any case) under {root}", file=sys.stderr)
         return 2
 
-    video_only = ("videos", "fps", "frames_fps", "min_clip_frames", "max_clip_frames", "max_seconds")
-    generator = {"name": "ingest", "input": "images"}
-    generator.update((k, v) for k, v in asdict(cfg).items() if k not in video_only)
+    generator = generator_of(cfg)
 
     def run(ingestor: Ingestor, writer) -> None:
         ingestor.run_images(root, paths)

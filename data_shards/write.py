@@ -311,6 +311,51 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sample_members(kind: str, key: str, jpegs: list[bytes] | bytes, meta: dict[str, Any]):
+    """The tar members of one sample (clip JPEGs named by ``frame_indices``, or one frame; landmarks as
+    ``.npy``; the JSON), its frame count and its size in the tar; shared by every shard writer."""
+    sample: dict[str, Any] = {"__key__": key}
+    if kind == "clips":
+        if isinstance(jpegs, bytes | bytearray):
+            raise TypeError("a clips writer needs a list of JPEG bytes per sample")
+        indices = list(meta.get("frame_indices") or range(len(jpegs)))
+        if len(indices) != len(jpegs):
+            raise ValueError(
+                f"sample {key}: {len(jpegs)} frames but {len(indices)} frame_indices in its meta"
+            )
+        for index, jpeg in zip(indices, jpegs):
+            sample[f"{int(index):04d}.jpg"] = bytes(jpeg)
+        frames = len(jpegs)
+    else:
+        if not isinstance(jpegs, bytes | bytearray):
+            raise TypeError("a frames writer needs one JPEG (bytes) per sample")
+        sample["jpg"] = bytes(jpegs)
+        frames = 1
+    if kind == "clips" and meta.get("landmarks_exact") is not None:
+        # Evaluation-only exact landmarks (SynthFace) as their own member: training never parses them.
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(meta["landmarks_exact"], dtype=np.float32), allow_pickle=False)
+        sample[EXACT_LANDMARKS_MEMBER] = buffer.getvalue()
+        meta = {k: v for k, v in meta.items() if k != "landmarks_exact"}
+    if kind == "clips" and meta.get("landmarks") is not None:
+        # Per-frame landmarks as binary float32 (T, 68, 2): parsing them from JSON cost ~6 ms per clip,
+        # more than decoding and augmenting the frames a batch takes from it.
+        # (Ragged or non-numeric landmarks stay in the JSON, where readers skip the clip and count why.)
+        try:
+            array = np.asarray(meta["landmarks"], dtype=np.float32)
+        except (TypeError, ValueError):
+            array = None
+        if array is not None:
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            sample[LANDMARKS_MEMBER] = buffer.getvalue()
+            meta = {k: v for k, v in meta.items() if k != "landmarks"}
+    sample["json"] = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    # Tar members: a 512-byte header each, payload padded to 512 (the tar stream buffers, so count here).
+    size = sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
+    return sample, frames, size
+
+
 class ShardWriter:
     """Context manager that rolls samples into shards at ``url`` and commits them with a manifest.
 
@@ -390,45 +435,7 @@ class ShardWriter:
             )
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}: keys must be unique per dataset")
-        sample: dict[str, Any] = {"__key__": key}
-        if self.kind == "clips":
-            if isinstance(jpegs, bytes | bytearray):
-                raise TypeError("a clips writer needs a list of JPEG bytes per sample")
-            indices = list(meta.get("frame_indices") or range(len(jpegs)))
-            if len(indices) != len(jpegs):
-                raise ValueError(
-                    f"sample {key}: {len(jpegs)} frames but {len(indices)} frame_indices in its meta"
-                )
-            for index, jpeg in zip(indices, jpegs):
-                sample[f"{int(index):04d}.jpg"] = bytes(jpeg)
-            frames = len(jpegs)
-        else:
-            if not isinstance(jpegs, bytes | bytearray):
-                raise TypeError("a frames writer needs one JPEG (bytes) per sample")
-            sample["jpg"] = bytes(jpegs)
-            frames = 1
-        if self.kind == "clips" and meta.get("landmarks_exact") is not None:
-            # Evaluation-only exact landmarks (SynthFace) as their own member: training never parses them.
-            buffer = io.BytesIO()
-            np.save(buffer, np.asarray(meta["landmarks_exact"], dtype=np.float32), allow_pickle=False)
-            sample[EXACT_LANDMARKS_MEMBER] = buffer.getvalue()
-            meta = {k: v for k, v in meta.items() if k != "landmarks_exact"}
-        if self.kind == "clips" and meta.get("landmarks") is not None:
-            # Per-frame landmarks as binary float32 (T, 68, 2): parsing them from JSON cost ~6 ms per clip,
-            # more than decoding and augmenting the frames a batch takes from it.
-            # (Ragged or non-numeric landmarks stay in the JSON, where readers skip the clip and count why.)
-            try:
-                array = np.asarray(meta["landmarks"], dtype=np.float32)
-            except (TypeError, ValueError):
-                array = None
-            if array is not None:
-                buffer = io.BytesIO()
-                np.save(buffer, array, allow_pickle=False)
-                sample[LANDMARKS_MEMBER] = buffer.getvalue()
-                meta = {k: v for k, v in meta.items() if k != "landmarks"}
-        sample["json"] = json.dumps(meta, separators=(",", ":")).encode("utf-8")
-        # Tar members: a 512-byte header each, payload padded to 512 (the tar stream buffers, so count here).
-        size = sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
+        sample, frames, size = sample_members(self.kind, key, jpegs, meta)
         if self._tar is not None and (
             self._shard_samples >= self.max_samples or self._shard_bytes + size > self.max_bytes
         ):
