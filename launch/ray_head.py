@@ -3,6 +3,8 @@
     python -m launch.ray_head start --dir .cache/ray-head [--num-cpus 2]   # prints RAY_ADDRESS / dashboard URL
     python -m launch.ray_head status --dir .cache/ray-head
     python -m launch.ray_head stop --dir .cache/ray-head
+    python -m launch.ray_head join --head-dir .cache/ray-head --dir .cache/ray-node1 [--num-cpus 1]  # a 2nd node
+    python -m launch.ray_head stop --dir .cache/ray-node1
 
 The head runs ``ray start --head --block`` in its own process group: stopping kills that group, i.e. exactly
 the GCS, raylet, dashboard and workers this head started. (``ray stop`` would kill every Ray process of the
@@ -30,6 +32,7 @@ from launch.services import (
     ServiceError,
     export_lines,
     free_port,
+    pid_alive,
     process_start_time,
     same_process,
     stop_pid,
@@ -54,6 +57,8 @@ class RayHead:
     # token: every Ray port (GCS, dashboard, Jobs API) needs the token in state_dir/auth_token (0600), made at
     # start; disabled: anyone who can reach the ports can run code (only for throwaway heads on a private box).
     auth: str = "token"
+    # Ray's internal settings (``ray start --system-config``), e.g. faster node-death detection in tests.
+    system_config: dict | None = None
     _own_temp_dir: bool = field(default=False, init=False, repr=False)
 
     @property
@@ -122,6 +127,8 @@ class RayHead:
         ]
         if self.num_gpus is not None:
             cmd.append(f"--num-gpus={self.num_gpus}")
+        if self.system_config:
+            cmd.append(f"--system-config={json.dumps(self.system_config)}")
         log_path = self.state_dir / "head.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
@@ -186,16 +193,217 @@ class RayHead:
         self.stop()
 
 
+# `ray start` for a joining node, with the head's 127.0.0.1 address kept as given: with multi-node enabled
+# (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1) Ray rewrites a loopback --address to the machine's outward IP, where a
+# loopback-only head does not listen. The node's own services still use --node-ip-address=127.0.0.1.
+_JOIN_LOOPBACK = (
+    "import sys; import ray._private.services as s; s.resolve_ip_for_localhost = lambda host: host; "
+    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"
+)
+
+
+@dataclass
+class RayNode:
+    """A worker node joining a head: ``ray start --address HEAD --block`` on 127.0.0.1 in its own process group,
+    with its own ports, temp dir and CPUs/resources, so one machine can hold a real multi-node cluster (separate
+    raylets and object stores) that tests can take a node away from."""
+
+    state_dir: Path
+    gcs_address: str
+    dashboard_url: str  # the head's: readiness = the head lists this node as ALIVE
+    auth: str = "token"
+    token_path: Path | None = None  # the head's auth_token (token auth)
+    num_cpus: int = 1
+    num_gpus: int | None = None
+    resources: dict[str, float] | None = None  # custom resources, e.g. {"trainer": 1}
+    object_store_memory: int = 200_000_000
+    startup_timeout_s: float = 90.0
+    stop_grace_s: float = 3.0
+    pid: int | None = None
+    node_name: str = ""  # default: the state folder's name (unique per node on this machine)
+    node_id: str = ""  # Ray's id for this node, known once it is ready
+    temp_dir: str = ""
+    _own_temp_dir: bool = field(default=False, init=False, repr=False)
+
+    @classmethod
+    def joining(cls, head: RayHead, state_dir: Path, **kwargs) -> RayNode:
+        token = head.token_path if head.auth == "token" else None
+        return cls(state_dir, head.gcs_address, head.dashboard_url, head.auth, token, **kwargs)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(RAY_ENV)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_AUTH_TOKEN", None)
+        # RAY_ENV's 0 makes `ray start --address` refuse to join (see _JOIN_LOOPBACK for the 1 it needs).
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+        if self.auth == "token":
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path))
+        else:
+            env["RAY_AUTH_MODE"] = "disabled"
+        return env
+
+    def start(self) -> RayNode:
+        self.state_dir = Path(self.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if (self.state_dir / "node.json").exists():
+            raise ServiceError(f"a Ray node was already started from {self.state_dir}: stop it first")
+        if self.auth == "token" and not (self.token_path and Path(self.token_path).exists()):
+            raise ServiceError(
+                f"token auth needs the head's auth_token file; {self.token_path} does not exist"
+            )
+        self.node_name = self.node_name or self.state_dir.name
+        if not self.temp_dir:
+            self.temp_dir, self._own_temp_dir = tempfile.mkdtemp(prefix="rayn-", dir="/tmp"), True
+        cmd = [
+            sys.executable,
+            "-c",
+            _JOIN_LOOPBACK,
+            "start",
+            f"--address={self.gcs_address}",
+            "--block",
+            f"--num-cpus={self.num_cpus}",
+            f"--object-store-memory={self.object_store_memory}",
+            f"--node-name={self.node_name}",
+            "--node-ip-address=127.0.0.1",
+            # The head took its agent port; a fixed default would clash with it.
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
+        ]
+        if self.num_gpus is not None:
+            cmd.append(f"--num-gpus={self.num_gpus}")
+        if self.resources:
+            cmd.append(f"--resources={json.dumps(self.resources)}")
+        log_path = self.state_dir / "node.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
+            )
+        self.pid = proc.pid
+        try:
+            self._wait_ready(proc, log_path)
+        except BaseException:
+            self.stop()
+            raise
+        (self.state_dir / "node.json").write_text(
+            json.dumps(
+                {
+                    "pid": self.pid,
+                    "pid_start": process_start_time(self.pid),
+                    "node_id": self.node_id,
+                    "node_name": self.node_name,
+                    "gcs_address": self.gcs_address,
+                    "temp_dir": self.temp_dir,
+                }
+            )
+        )
+        return self
+
+    def _alive_node_id(self) -> str | None:
+        """This node's id once the head's GCS lists it ALIVE (the head's state API, with the token)."""
+        headers = {}
+        if self.auth == "token":
+            headers["Authorization"] = f"Bearer {Path(self.token_path).read_text().strip()}"
+        request = urllib.request.Request(f"{self.dashboard_url}/api/v0/nodes?limit=1000", headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            nodes = json.loads(resp.read())["data"]["result"]["result"]
+        for node in nodes:
+            if node.get("node_name") == self.node_name and node.get("state") == "ALIVE":
+                return node["node_id"]
+        return None
+
+    def _wait_ready(self, proc, log_path: Path) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        last = "not listed yet"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log_path.read_text()[-2000:]
+                raise ServiceError(
+                    f"ray start (worker node) exited with code {proc.returncode}; log tail:\n{tail}"
+                )
+            try:
+                node_id = self._alive_node_id()
+                if node_id:
+                    self.node_id = node_id
+                    return
+            except (OSError, ValueError, KeyError) as err:
+                last = str(err)
+            time.sleep(0.5)
+        raise ServiceError(
+            f"Ray node {self.node_name} not ALIVE at {self.gcs_address} after {self.startup_timeout_s:.0f} s "
+            f"({last}); see {log_path}"
+        )
+
+    def process_ids(self) -> list[int]:
+        """PIDs of this node's processes: ``ray start``, its raylet, agents and Ray workers (its descendants)."""
+        import psutil
+
+        if self.pid is None or not pid_alive(self.pid):
+            return []
+        try:
+            root = psutil.Process(self.pid)
+            return [self.pid, *(p.pid for p in root.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            stop_pid(self.pid, timeout_s=self.stop_grace_s)
+        (Path(self.state_dir) / "node.json").unlink(missing_ok=True)
+        if self._own_temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.pid = None
+
+    def __enter__(self) -> RayNode:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _join(args: argparse.Namespace, state: Path) -> int:
+    head_info = Path(args.head_dir) / "head.json"
+    if not head_info.exists():
+        print(
+            f"error: no Ray head recorded in {args.head_dir} (--head-dir): start one first", file=sys.stderr
+        )
+        return 2
+    info = json.loads(head_info.read_text())
+    resources = json.loads(args.resources) if args.resources else None
+    node = RayNode(
+        state,
+        info["gcs_address"],
+        info["dashboard_url"],
+        auth=info.get("auth", "token"),
+        token_path=Path(info["token_path"]) if info.get("token_path") else None,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        resources=resources,
+        object_store_memory=args.object_store_memory,
+    ).start()
+    print(f"# Ray node {node.node_name} ({node.node_id}) joined {node.gcs_address}, pid {node.pid}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.ray_head", description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("action", choices=["start", "join", "stop", "status"])
     parser.add_argument("--dir", default=".cache/ray-head", help="state folder (pid, addresses, log)")
+    parser.add_argument("--head-dir", default=".cache/ray-head", help="join: the head's state folder")
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--num-gpus", type=int, default=None)
+    parser.add_argument(
+        "--resources", default=None, help="join: custom resources as JSON, e.g. '{\"trainer\": 1}'"
+    )
     parser.add_argument("--object-store-memory", type=int, default=500_000_000)
     parser.add_argument("--dashboard-port", type=int, default=8265)
     args = parser.parse_args(argv)
     state = Path(args.dir)
+    if args.action == "join":
+        return _join(args, state)
     if args.action == "start":
         head = RayHead(
             state,
@@ -210,25 +418,27 @@ def main(argv: list[str] | None = None) -> int:
         print(export_lines({"RAY_ADDRESS": head.gcs_address, "RAY_DASHBOARD_URL": head.dashboard_url,
                             **head.client_env()}), end="")  # fmt: skip
         return 0
-    info_path = state / "head.json"
+    kind = "node" if (state / "node.json").exists() else "head"
+    info_path = state / f"{kind}.json"
     if not info_path.exists():
-        print(f"no Ray head recorded in {state}", file=sys.stderr)
+        print(f"no Ray head or node recorded in {state}", file=sys.stderr)
         return 1
     info = json.loads(info_path.read_text())
     if args.action == "status":
         alive = same_process(int(info["pid"]), info.get("pid_start"))
-        print(f"pid {info['pid']} {'running' if alive else 'not running'}; dashboard {info['dashboard_url']}")
+        where = f"dashboard {info['dashboard_url']}" if kind == "head" else f"node {info['node_id']}"
+        print(f"Ray {kind} pid {info['pid']} {'running' if alive else 'not running'}; {where}")
         return 0 if alive else 1
     if same_process(int(info["pid"]), info.get("pid_start")):
         stop_pid(int(info["pid"]), timeout_s=5.0)
     else:  # the recorded PID now names another process: never signal it
         print(
-            f"Ray head pid {info['pid']} is no longer running (that PID now names another process, left alone)"
+            f"Ray {kind} pid {info['pid']} is no longer running (that PID now names another process, left alone)"
         )
-    if Path(info["temp_dir"]).name.startswith("rayh-"):
+    if Path(info["temp_dir"]).name.startswith(("rayh-", "rayn-")):
         shutil.rmtree(info["temp_dir"], ignore_errors=True)
     info_path.unlink()
-    print(f"stopped Ray head pid {info['pid']}")
+    print(f"stopped Ray {kind} pid {info['pid']}")
     return 0
 
 

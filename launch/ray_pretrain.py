@@ -9,7 +9,8 @@
 Why TorchTrainer and not a DeepSpeed hostfile: the ``deepspeed`` multi-node launcher starts ranks over
 passwordless ssh (pdsh) from a hostfile, which Ray clusters (cloud autoscaler, KubeRay pods) usually do not
 have, and Ray would neither know nor schedule those processes. ``TorchTrainer`` asks Ray for ``num_workers``
-actors with the requested CPUs/GPUs (placement group, PACK by default), starts the process group (gloo on CPU,
+actors with the requested CPUs/GPUs (placement group, PACK by default; ``--placement-strategy STRICT_SPREAD``
+puts each worker on its own node), starts the process group (gloo on CPU,
 NCCL on GPU) and sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` in every worker.
 ``pretrain.distributed.init_distributed`` reuses an initialised group, and ``deepspeed.initialize(...,
 dist_init_required=False)`` wraps it, so the DeepSpeed engine, ZeRO, checkpoints and metrics are exactly those
@@ -108,7 +109,17 @@ def _not_in_job_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in taken}
 
 
-def build_trainer(cfg, num_workers: int, use_gpu: bool, cpus_per_worker: float, max_failures: int):
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def build_trainer(
+    cfg,
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    max_failures: int,
+    placement_strategy: str = "PACK",
+):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -120,7 +131,10 @@ def build_trainer(cfg, num_workers: int, use_gpu: bool, cpus_per_worker: float, 
         train_loop_config={"cfg": cfg},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=1800),
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=placement_strategy,
         ),
         run_config=RunConfig(
             name=Path(cfg.run_dir).name,
@@ -143,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument(
         "--max-failures", type=int, default=0, help="group restarts after a worker/node failure (resumes)"
+    )
+    parser.add_argument(
+        "--placement-strategy",
+        default="PACK",
+        choices=PLACEMENT_STRATEGIES,
+        help="Ray placement of the workers; STRICT_SPREAD: every worker on its own node",
     )
     parser.add_argument(
         "--address", default=None, help="Ray cluster (default: RAY_ADDRESS / the job's cluster)"
@@ -184,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.num_workers,
                 need,
             )
-        trainer = build_trainer(cfg, args.num_workers, args.use_gpu, args.cpus_per_worker, args.max_failures)
+        trainer = build_trainer(
+            cfg,
+            args.num_workers,
+            args.use_gpu,
+            args.cpus_per_worker,
+            args.max_failures,
+            args.placement_strategy,
+        )
         try:
             trainer.fit()
         except Exception as err:  # noqa: BLE001 - Ray wraps the workers' errors: one line for the user
