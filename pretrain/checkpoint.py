@@ -212,6 +212,8 @@ class Checkpointer:
         return path
 
     def _resolve_auto(self) -> Path | None:
+        if self.mirror_url:
+            self._fetch_newer_mirrored()
         # Rank 0 lists, every rank walks the same list: verification is collective.
         text, named = self._named() if distributed.is_main() else (None, None)
         names = [p.name for p in self._candidates()] if distributed.is_main() else []
@@ -252,6 +254,52 @@ class Checkpointer:
             f"resume=auto: no checkpoint in {self.dir} passed verification ({'; '.join(why)}). Restore a good "
             "copy (e.g. from checkpoint.mirror_url), or start over with resume=never"
         )
+
+    def _fetch_newer_mirrored(self) -> None:
+        """Every rank: when the mirror's ``latest`` names a checkpoint newer than any in this rank's own
+        ``run_dir/checkpoints`` (a node that joined a cluster without shared storage, or a run directory that
+        was lost), copy it here so that the usual collective verification and load can use it. The copy goes
+        to a private folder renamed into place, so ranks sharing a file system do not collide; the mirror is
+        trusted no more than the local disk: its files are verified against its index like any checkpoint."""
+        try:
+            from data_shards import store
+
+            name = store.read_bytes(store.join(self.mirror_url, LATEST)).decode().strip()
+        except Exception as err:  # no mirror yet, or unreachable: resume from what is local
+            log.info("resume=auto: no checkpoint fetched from %s (%s)", self.mirror_url, redact(str(err)))
+            return
+        step = _step_of(name)
+        local = [_step_of(p.name.removesuffix(REPLACED_SUFFIX)) for p in self._candidates()]
+        if step is None or (local and max(local) >= step) or (self.dir / name).exists():
+            return
+        rank = distributed.get_rank()
+        staging = self.dir / f"{name}.fetching-{rank}-{os.getpid()}"
+        try:
+            base = store.join(self.mirror_url, name)
+            staging.mkdir(parents=True)
+            index_bytes = store.read_bytes(store.join(base, INDEX))
+            (staging / INDEX).write_bytes(index_bytes)
+            for rel in sorted(_read_index(staging)):  # names checked there: no absolute paths, no '..'
+                target = staging / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with store.open_url(store.join(base, rel)) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+            try:
+                staging.rename(self.dir / name)
+            except OSError:  # another rank on this file system published it first
+                pass
+            else:  # ``latest`` follows, so an older local checkpoint it named is not preferred
+                pointer = self.dir / f"{LATEST}.fetching-{rank}-{os.getpid()}"
+                pointer.write_text(name)
+                pointer.replace(self.dir / LATEST)
+                log.warning("resume=auto: fetched %s from the mirror %s (newer than any local checkpoint)",
+                            name, self.mirror_url)  # fmt: skip
+        except Exception as err:  # a bad or unreachable mirror: what is local still resumes
+            log.warning(
+                "resume=auto: could not fetch %s from %s: %s", name, self.mirror_url, redact(str(err))
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     # ------------------------------------------------------------------ verification
     def _verify(self, path: Path) -> _Refused | None:
