@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 # DeepSpeed's shm_comm op (75-120 s) whenever they alternate.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test lint format bench gpu-wheels
+.PHONY: setup demo test lint format bench gpu-wheels dali-wheel
 
 setup:
 	@bash scripts/setup.sh
@@ -35,6 +35,10 @@ format: setup
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-# Wheels a GPU host without DeepSpeed needs for bench/gpu_session.sh (into .whl/, git-ignored).
+# Wheels a GPU host without DeepSpeed needs for bench/gpu_session.sh (into .whl/base/, git-ignored).
 gpu-wheels: setup
 	@bash scripts/gpu_wheels.sh
+
+# DALI's wheel for the GPU host, split into parts that fit a device call (into .whl/dali/, git-ignored).
+dali-wheel: setup
+	@bash scripts/dali_wheel.sh

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Wheels for the lent GPU machine (Python 3.12 with its own torch 2.11, no network, no DeepSpeed): what
-# launch/pretrain.py needs beyond what that machine has, into .whl/ (git-ignored, ~6 MB; a device call
-# carries at most 64 MiB, so DALI's ~200 MB wheel cannot travel). Then one device call runs everything:
-#   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=540)
+# launch/pretrain.py needs beyond what that machine has, into .whl/base/ (git-ignored, ~6 MB; a device call
+# carries at most 64 MiB, so DALI's ~200 MB wheel travels in parts: scripts/dali_wheel.sh, into .whl/dali/).
+# Then one device call runs everything:
+#   run(command="bash bench/gpu_session.sh", carry=[".whl/base"], timeout_s=540)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-.venv/bin/pip}
-DEST=.whl
+DEST=.whl/base  # beside .whl/dali/, which this leaves alone
 rm -rf "$DEST" && mkdir -p "$DEST"
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 # DeepSpeed's own dependencies, and prometheus-client (imported by the trainer's metrics exporter).

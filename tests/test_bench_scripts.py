@@ -80,3 +80,124 @@ def test_gpu_session_script_runs_every_part_on_cpu(tmp_path):
         assert "20-20 (1 windows) |" in (out / f"data_wait_{finish}.log").read_text()
     assert losses["trainer"] == losses["workers"]  # the same batches whichever thread finished them
     assert not any(p.name.startswith("tmp") for p in out.iterdir())  # the work dir stayed outside OUT
+
+
+# ---------------------------------------------------------------- bench/bench_step.py, bench/bench_zero.py
+import bench_step  # noqa: E402
+import bench_zero  # noqa: E402
+
+
+def test_bench_step_ratios_and_table_name_the_goals():
+    r = bench_step.ratios({"ceiling": 400.0, "trainer": 380.0, "original": 50.0})
+    assert r == {"trainer/ceiling": 0.95, "trainer/original": 7.6}
+    assert bench_step.ratios({"trainer": 380.0}) == {"trainer/ceiling": None, "trainer/original": None}
+    rows = [
+        {"size": "r18w16-64", "variant": "fp32", "ceiling": 400.0, "trainer": 300.0, "original": 100.0},
+        {"size": "r18w16-64", "variant": "compile", "ceiling": 400.0, "original": 100.0, "error": "no key"},
+    ]
+    table = bench_step.format_table(rows).splitlines()
+    assert table[2] == "| r18w16-64 | fp32 | 400.0 | 300.0 | 100.0 | 0.75 (NOT met) | 3.00 (NOT met) |"
+    assert table[3] == "| r18w16-64 | compile | 400.0 | unavailable: no key | 100.0 | - | - |"
+
+
+def test_bench_step_overrides_keep_the_size_and_put_set_last():
+    o = bench_step.run_overrides("r50-112", 8, ["data.num_workers=2"])
+    assert o[:5] == bench_step.SIZES["r50-112"] and "data.global_batch_clips=8" in o
+    assert o[-1] == "data.num_workers=2"  # --set wins over the bench's own settings
+    cfg = bench_step.load_cfg(o)
+    assert (cfg.model.arch, cfg.augment.crop, cfg.data.num_workers, cfg.faceswap.start_step) == (
+        "resnet50",
+        112,
+        2,
+        0,
+    )
+    with pytest.raises(SystemExit):
+        bench_step.parse_args(["--variants", "fp32,fp8"])
+
+
+def test_bench_step_batch_rows_are_a_na_p_np_in_clip_order():
+    import torch
+
+    views = torch.arange(3 * 4).reshape(3, 4, 1, 1, 1).float()  # clip c, role r -> 4c + r
+    desc = torch.arange(3 * 4).reshape(3, 4, 1).float()
+    rows, d = bench_step.to_batch_rows(views, desc)
+    assert rows.flatten().tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
+    assert d.flatten().tolist() == rows.flatten().tolist()
+
+
+def test_original_style_sample_has_four_views_and_descriptors(tmp_path):
+    """The per-sample pipeline of (c) on a real SynthFace corpus: PIL decode, dlib, NumPy FaceSwap, views."""
+    subprocess.run(
+        [sys.executable, "-m", "data_shards", "synth", "--out", str(tmp_path / "clips"), "--identities", "2",
+         "--clips-per-identity", "2", "--seconds", "1", "--size", "128", "--seed", "0", "--no-progress"],
+        cwd=REPO, env=launcher_env(), check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    clips = bench_step.load_clips(str(tmp_path / "clips"))
+    for size, crop in (("r18w16-64", 64), ("r50-112", 112)):
+        cfg = bench_step.load_cfg(bench_step.run_overrides(size, 4, ["faceswap.p=1.0"]))
+        ds = bench_step.OriginalStyleClips(clips, cfg)
+        views, desc = ds[0]
+        assert views.shape == (4, 3, crop, crop) and views.dtype.is_floating_point
+        assert views.min() >= 0.0 and views.max() <= 1.0 and views.std() > 0.01
+        assert desc.shape == (4, 84) and desc.isfinite().all()
+        assert 0 <= ds.no_face <= 4 + 2  # 4 frames + 2 donors (P and NP swapped at p = 1)
+
+
+def test_bench_zero_parses_bench_train_and_computes_overhead():
+    text = (
+        "ranks=2 device=cpu arch=resnet18 width=16\n"
+        "  ddp           200.0 images/s     80.0 ms/step  peak step memory/rank (MiB): 1.0, 1.0  ...\n"
+        "  deepspeed     160.0 images/s    100.0 ms/step  peak step memory/rank (MiB): 1.0, 1.0  ...\n"
+        "overhead ratio (DDP images/s / DeepSpeed images/s): 1.250\n"
+    )
+    cell = bench_zero.parse_bench_train(text)
+    assert cell == {"ddp_ms": 80.0, "deepspeed_ms": 100.0}
+    assert bench_zero.overhead_pct(80.0, 100.0) == pytest.approx(25.0)
+    with pytest.raises(ValueError, match="deepspeed_ms"):
+        bench_zero.parse_bench_train(text.splitlines()[1])
+    row = bench_zero.format_table([{"size": "r18w16", "params": 812_345, "stage": 1, **cell}]).splitlines()[2]
+    assert row == "| r18w16 | 0.8 M | 1 | 80.0 | 100.0 | +25.0% |"
+    assert bench_zero.param_count("resnet18", 16) < bench_zero.param_count("resnet18", 64)
+
+
+# ---------------------------------------------------------------- scripts/dali_wheel.sh split / join
+def _dali(tmp_path, *args, **env):
+    return subprocess.run(
+        ["bash", "scripts/dali_wheel.sh", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
+        env={**launcher_env(), "DEST": str(tmp_path / "parts"), "PART_MIB": "1", **env},
+    )  # fmt: skip
+
+
+def test_dali_wheel_parts_round_trip_and_name_a_missing_or_bad_part(tmp_path):
+    import hashlib
+    import os
+
+    wheel = tmp_path / "nvidia_dali_cuda130-0.0-py3-none-manylinux_2_28_x86_64.whl"
+    data = os.urandom(2 * 2**20 + 12345)  # 3 parts of <= 1 MiB
+    wheel.write_bytes(data)
+    proc = _dali(tmp_path, "split", str(wheel))
+    assert proc.returncode == 0, proc.stderr
+    parts = sorted((tmp_path / "parts").glob("*.part*"))
+    assert [p.name[-6:] for p in parts] == ["part00", "part01", "part02"]
+    assert all(p.stat().st_size <= 2**20 for p in parts)
+    sums = (tmp_path / "parts/SHA256SUMS").read_text()
+    assert f"{hashlib.sha256(data).hexdigest()}  {wheel.name}" in sums.splitlines()
+
+    proc = _dali(tmp_path, "join", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).read_bytes() == data
+
+    middle = parts[1].read_bytes()
+    parts[1].write_bytes(middle[:-1] + bytes([middle[-1] ^ 1]))  # one bit flipped
+    proc = _dali(tmp_path, "join", str(tmp_path / "out2"))
+    assert proc.returncode == 5 and f"part {parts[1]} is bad" in proc.stderr
+    assert not (tmp_path / "out2" / wheel.name).exists()
+
+    parts[1].unlink()
+    proc = _dali(tmp_path, "join", str(tmp_path / "out3"))
+    assert proc.returncode == 4 and f"part {parts[1]} missing" in proc.stderr
+
+    (tmp_path / "parts/SHA256SUMS").unlink()
+    proc = _dali(tmp_path, "join", str(tmp_path / "out4"))
+    assert proc.returncode == 3 and "SHA256SUMS missing" in proc.stderr
+    assert _dali(tmp_path, "split", str(tmp_path / "nope.whl")).returncode == 2

@@ -1,0 +1,416 @@
+"""Training step at the compute limit: the full trainer vs a compute-only ceiling vs the original-code pipeline.
+
+One run, same cores, same model / global batch / loss (all-gathered InfoNCE + MaskFN) / optimizer, per size:
+  (a) ceiling:  2 CPU ranks, the project's DeepSpeed engine on images already in memory (communication
+                included, no input pipeline);
+  (b) trainer:  `deepspeed --num_gpus 2 launch/pretrain.py` on a SynthFace corpus (images/s: median of the
+                run's metrics.jsonl windows, the start-up window left out, as bench/data_wait.py does);
+  (c) original: the released code's style - one process, plain torch (no DeepSpeed), a DataLoader whose
+                worker decodes with PIL, runs dlib landmark detection per image (the ingest detector,
+                data_shards.faces.FaceAligner: HOG + 68-point predictor) and per-sample NumPy FaceSwap
+                (pretrain.faceswap.face_swap_reference), torchvision view transforms; 1 loader worker + the
+                training process = the same 2 cores.
+Goals: (b) >= 0.9 (a) and (b) >= 5x (c). Timed: ``--steps`` for (a) and (b) after their warm-up / start-up
+window, half as many for (c) (its per-sample pipeline is the slow part) after two start-up steps.
+
+    python bench/bench_step.py                      # demo model (ResNet-18 w16, 64 px) and ResNet-50 at 112 px
+    python bench/bench_step.py --quick              # demo model only, few steps (smoke)
+    python bench/bench_step.py --variants fp32,bf16_autocast,compile --set data.num_workers=2
+
+``--set KEY=VALUE`` goes to every run's config (a, b, c); ``--variants`` repeats (b) with each variant's
+settings (fp32: precision=fp32; bf16_autocast: precision=bf16_autocast; compile: model.compile=true). A
+variant whose config key this checkout does not have is reported as unavailable with the config's message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+CONFIG = REPO / "launch/configs/sslfer.yaml"
+# Sizes: config overrides on top of the paper config (launch/configs/sslfer.yaml).
+SIZES = {
+    "r18w16-64": ["model.arch=resnet18", "model.width=16", "model.projector_dims=[128,64]",
+                  "data.image_size=72", "augment.resize=72", "augment.crop=64"],
+    "r50-112": ["model.arch=resnet50", "model.width=64", "data.image_size=128", "augment.resize=128",
+                "augment.crop=112"],
+}  # fmt: skip
+VARIANTS = {
+    "fp32": ["precision=fp32"],
+    "bf16_autocast": ["precision=bf16_autocast"],
+    "compile": ["model.compile=true"],
+}
+GOAL_CEILING, GOAL_ORIGINAL = 0.9, 5.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--sizes", default=None, help=f"comma list of {sorted(SIZES)} (default: all; --quick: first)"
+    )
+    p.add_argument(
+        "--global-clips", type=int, default=8, help="clips per step over both ranks (4 images each)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="timed steps per part (default 12, --quick 6)")
+    p.add_argument(
+        "--identities", type=int, default=None, help="SynthFace identities (default 16, --quick 4)"
+    )
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--variants", default="", help=f"comma list of {sorted(VARIANTS)}: (b) again with each")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.steps = args.steps or (6 if args.quick else 12)
+    args.identities = args.identities or (4 if args.quick else 16)
+    names = args.sizes.split(",") if args.sizes else (list(SIZES)[:1] if args.quick else list(SIZES))
+    unknown = [n for n in names if n not in SIZES]
+    if unknown:
+        p.error(f"--sizes: unknown {unknown}; choose from {sorted(SIZES)}")
+    args.sizes = names
+    bad = [v for v in filter(None, args.variants.split(",")) if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {bad}; choose from {sorted(VARIANTS)}")
+    return args
+
+
+def load_cfg(overrides: list[str]):
+    from common.configio import load_config
+    from pretrain.config import PretrainConfig
+
+    return load_config(PretrainConfig, CONFIG, overrides)
+
+
+def run_overrides(size: str, global_clips: int, sets: list[str]) -> list[str]:
+    """Every part's config: the size, the global batch, the CPU settings (fp32, one input thread per rank: 2
+    ranks + 2 input threads on 2 cores, as (c)'s trainer + 1 worker), FaceSwap in every measured step, --set."""
+    return [*SIZES[size], f"data.global_batch_clips={global_clips}", "device=cpu", "precision=fp32",
+            "data.num_workers=1", "faceswap.start_step=0", "faceswap.p_warmup_steps=0", *sets]  # fmt: skip
+
+
+def ratios(images_per_s: dict[str, float | None]) -> dict[str, float | None]:
+    """(b)/(a) and (b)/(c) from images/s by part ('ceiling', 'trainer', 'original'); None where missing."""
+
+    def div(a, b):
+        return a / b if a and b else None
+
+    t = images_per_s.get("trainer")
+    return {
+        "trainer/ceiling": div(t, images_per_s.get("ceiling")),
+        "trainer/original": div(t, images_per_s.get("original")),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: one row per size (and trainer variant) with images/s of each part and the two ratios."""
+    out = ["| size | variant | (a) ceiling img/s | (b) trainer img/s | (c) original img/s | (b)/(a) goal >= 0.9 "
+           "| (b)/(c) goal >= 5 |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def num(x):
+        return "-" if x is None else f"{x:,.1f}"
+
+    def verdict(x, goal):
+        return "-" if x is None else f"{x:.2f} ({'met' if x >= goal else 'NOT met'})"
+
+    for r in rows:
+        q = ratios(r)
+        trainer = r.get("trainer") if r.get("error") is None else None
+        out.append(
+            f"| {r['size']} | {r.get('variant', 'fp32')} | {num(r.get('ceiling'))} | "
+            f"{num(trainer) if r.get('error') is None else 'unavailable: ' + r['error']} | {num(r.get('original'))} "
+            f"| {verdict(q['trainer/ceiling'], GOAL_CEILING)} | {verdict(q['trainer/original'], GOAL_ORIGINAL)} |"
+        )
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- (a) compute-only ceiling, on 2 ranks
+def ceiling_worker(args) -> None:
+    import deepspeed
+    import torch
+
+    from pretrain import distributed
+    from pretrain.config import resolve_global_batch
+    from pretrain.descriptors import landmark_descriptor
+    from pretrain.ds_config import build_ds_config
+    from pretrain.loss import DistributedInfoNCE, batch_layout
+    from pretrain.model import ContrastiveEncoder
+
+    distributed.init_distributed("gloo")
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    cfg = resolve_global_batch(load_cfg(json.loads(args.overrides)), world)
+    clips, crop = cfg.data.batch_clips, cfg.augment.crop
+    gen = torch.Generator().manual_seed(rank)
+    n = 4 * clips
+    images = torch.randn(n, 3, crop, crop, generator=gen)
+    if cfg.model.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    descriptors = landmark_descriptor(torch.rand(n, 68, 2, generator=gen) * crop)
+    positive, group = batch_layout(clips, "sslfer")
+    loss_fn = DistributedInfoNCE(cfg.loss)
+    torch.manual_seed(0)
+    model = ContrastiveEncoder(cfg.model)  # weights contiguous, views channels_last: as pretrain/engine.py
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=build_ds_config(cfg, world),
+        dist_init_required=False,
+    )
+
+    def step():
+        out = loss_fn(engine(images).float(), positive, group, descriptors)
+        engine.backward(out.loss)
+        engine.step()
+
+    for _ in range(2):  # warm-up: allocator, optimizer state
+        step()
+    distributed.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    distributed.barrier()
+    seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    slowest = distributed.all_gather_no_grad(seconds).max().item()
+    if rank == 0:
+        print("RESULT " + json.dumps({"images_per_s": args.steps * n * world / slowest}), flush=True)
+    distributed.destroy_distributed()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def run_ceiling(overrides: list[str], steps: int) -> float:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), __file__, "--ceiling-worker", "--steps", str(steps), "--overrides",
+           json.dumps(overrides)]  # fmt: skip
+    proc = subprocess.run(cmd, env=bench_env(), cwd=REPO, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])["images_per_s"]
+    raise RuntimeError(
+        f"ceiling run failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+    )
+
+
+# ---------------------------------------------------------------- (b) the full trainer
+def run_trainer(data: Path, overrides: list[str], steps: int, work: Path) -> float:
+    import data_wait
+
+    run_dir = work / f"run_{time.monotonic_ns()}"
+    log_every = max(1, steps // 4)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "launch/pretrain.py", "--config",
+           str(CONFIG), f"data.url={data}", f"run_dir={run_dir}", f"max_steps={steps + log_every}",
+           f"log_every={log_every}", "checkpoint_every=0", "metrics.port_base=0", *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, env=bench_env(), cwd=REPO, capture_output=True, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    if proc.returncode != 0 or not metrics.is_file():
+        raise RuntimeError(
+            f"trainer run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
+        )
+    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    return data_wait.summarise(lines, skip=1)["images_per_s"]
+
+
+# ---------------------------------------------------------------- (c) the original-code-style pipeline
+class OriginalStyleClips:
+    """torch Dataset over clips held as JPEG bytes: one item = the 4 views [A, NA, P, NP] of one clip.
+
+    A and P are two frames of the clip (TimeAug), NA and NP two frames of another clip of the same identity
+    (the hard negatives; the clip itself when the identity has one clip). Each frame: PIL decode, dlib HOG
+    detection and the 68-point predictor (in the stored landmarks' box when HOG finds no face: counted in
+    ``no_face``, the predictor's cost is paid either way), P and NP get a face swapped in
+    from a frame of another identity with probability ``faceswap.p`` (NumPy, per sample), then torchvision views.
+    """
+
+    def __init__(self, clips: list[dict], cfg, seed: int = 0):
+        self.clips, self.cfg, self.seed = clips, cfg, seed
+        by_id: dict[str, list[int]] = {}
+        for i, c in enumerate(clips):
+            by_id.setdefault(c["meta"]["identity_id"], []).append(i)
+        self.by_id = by_id
+        self.aligner = None
+        self.no_face = 0
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def _frame(self, clip: int, frame: int):
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        from data_shards.faces import FaceAligner, FaceConfig, to_rgb_array
+
+        if self.aligner is None:  # per worker process: dlib objects do not pickle
+            self.aligner = FaceAligner(FaceConfig(upsample=1))
+        img = Image.open(io.BytesIO(self.clips[clip]["frames"][frame])).convert("RGB")
+        size = self.cfg.data.image_size
+        stored = np.asarray(self.clips[clip]["meta"]["landmarks"][frame], np.float64) * (size / img.width)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        rgb = to_rgb_array(img)
+        boxes = self.aligner.detect(rgb)
+        if not boxes:  # HOG misses most small SynthFace frames: fit the predictor in the stored face's box
+            self.no_face += 1
+            lo, hi = stored.min(0), stored.max(0)
+            boxes = [(int(lo[0]), int(lo[1]), int(hi[0]) + 1, int(hi[1]) + 1)]
+        return rgb.astype(np.float64), self.aligner.landmarks(rgb, boxes[0])
+
+    def __getitem__(self, i: int):
+        import numpy as np
+        import torch
+
+        from pretrain.descriptors import landmark_descriptor
+        from pretrain.faceswap import face_swap_reference
+
+        rng = np.random.default_rng((self.seed, i, time.monotonic_ns()))
+        identity = self.clips[i]["meta"]["identity_id"]
+        others = [j for j in self.by_id[identity] if j != i] or [i]
+        neg = int(rng.choice(others))
+        donors = [j for j in range(len(self.clips)) if self.clips[j]["meta"]["identity_id"] != identity] or [
+            i
+        ]
+        views, marks = [], []
+        for role, clip in (("A", i), ("NA", neg), ("P", i), ("NP", neg)):
+            rgb, lm = self._frame(clip, int(rng.integers(len(self.clips[clip]["frames"]))))
+            if role in ("P", "NP") and rng.random() < self.cfg.faceswap.p:
+                d = int(rng.choice(donors))
+                drgb, dlm = self._frame(d, int(rng.integers(len(self.clips[d]["frames"]))))
+                rgb, lm, _ = face_swap_reference(rgb, lm, drgb, dlm, self.cfg.faceswap)
+            views.append(self._view(rgb))
+            marks.append(torch.as_tensor(lm, dtype=torch.float32))
+        return torch.stack(views), landmark_descriptor(torch.stack(marks))
+
+    def _view(self, rgb):
+        import torch
+        from torchvision.transforms import v2
+
+        a = self.cfg.augment
+        if not hasattr(self, "_tf"):
+            self._tf = v2.Compose([
+                v2.RandomResizedCrop(a.crop, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2),
+                v2.RandomApply([v2.GaussianBlur(9)], p=0.5), v2.ToDtype(torch.float32, scale=True),
+            ])  # fmt: skip
+        x = torch.from_numpy(rgb.clip(0, 255).astype("uint8")).permute(2, 0, 1)
+        return self._tf(x)
+
+
+def to_batch_rows(views, descriptors):
+    """Collated (B, 4, C, H, W) views and (B, 4, D) descriptors -> rows [A..., NA..., P..., NP...]."""
+    b = views.shape[0]
+    rows = views.transpose(0, 1).reshape(4 * b, *views.shape[2:])
+    return rows, descriptors.transpose(0, 1).reshape(4 * b, -1)
+
+
+def run_original(clips: list[dict], overrides: list[str], steps: int, workers: int = 1) -> float:
+    import torch
+
+    from pretrain.loss import DistributedInfoNCE, batch_layout
+    from pretrain.model import ContrastiveEncoder
+
+    torch.set_num_threads(1)
+    cfg = load_cfg(overrides)
+    b = cfg.data.global_batch_clips
+    loader = torch.utils.data.DataLoader(
+        OriginalStyleClips(clips, cfg), batch_size=b, shuffle=True, num_workers=workers, drop_last=True,
+        persistent_workers=True, prefetch_factor=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = ContrastiveEncoder(cfg.model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                           weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    loss_fn = DistributedInfoNCE(cfg.loss)
+    positive, group = batch_layout(b, "sslfer")
+    done, t0 = 0, None
+    while done < steps + 2:
+        for views, desc in loader:
+            rows, desc = to_batch_rows(views, desc)
+            out = loss_fn(model(rows).float(), positive, group, desc)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            done += 1
+            if done == 2:  # the first two steps hold the workers' start-up
+                t0 = time.perf_counter()
+            if done == steps + 2:
+                break
+    return steps * 4 * b / (time.perf_counter() - t0)
+
+
+def load_clips(url: str) -> list[dict]:
+    from data_shards.read import iter_dataset
+
+    return list(iter_dataset(url))
+
+
+def main() -> int:
+    args = parse_args()
+    if args.ceiling_worker:
+        ceiling_worker(args)
+        return 0
+    from common.errors import ConfigError
+
+    variants = [v for v in args.variants.split(",") if v]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
+        work = Path(tmp)
+        data = work / "clips"
+        subprocess.run([sys.executable, "-m", "data_shards", "synth", "--out", str(data), "--identities",
+                        str(args.identities), "--clips-per-identity", "2", "--seconds", "4", "--size", "128",
+                        "--seed", "0", "--shard-samples", "2", "--no-progress"], env=bench_env(), cwd=REPO, check=True,
+                       capture_output=True)  # fmt: skip
+        clips = load_clips(str(data))
+        for size in args.sizes:
+            base = run_overrides(size, args.global_clips, args.sets)
+            load_cfg(base)  # a bad --set fails here, with the config's message
+            print(f"== {size}: {' '.join(base)}", flush=True)
+            row = {"size": size, "variant": "as set"}
+            row["ceiling"] = run_ceiling(base, args.steps)
+            print(f"  (a) ceiling  {row['ceiling']:8.1f} images/s", flush=True)
+            row["trainer"] = run_trainer(data, base, args.steps, work)
+            print(f"  (b) trainer  {row['trainer']:8.1f} images/s", flush=True)
+            row["original"] = run_original(clips, base, max(2, args.steps // 2))
+            print(f"  (c) original {row['original']:8.1f} images/s", flush=True)
+            rows.append(row)
+            for v in variants:
+                extra = base + VARIANTS[v]
+                vrow = {"size": size, "variant": v, "ceiling": row["ceiling"], "original": row["original"]}
+                try:
+                    load_cfg(extra)
+                    vrow["trainer"] = run_trainer(data, extra, args.steps, work)
+                except ConfigError as err:
+                    vrow["error"] = str(err).splitlines()[0][:120]
+                print(f"  (b) {v}: {vrow.get('trainer', vrow.get('error'))}", flush=True)
+                rows.append(vrow)
+    print(f"\n2 CPU ranks, {args.global_clips} clips = {4 * args.global_clips} images per step, "
+          f"{args.steps} timed steps (ceiling, trainer), config {CONFIG.relative_to(REPO)} + overrides above")  # fmt: skip
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
