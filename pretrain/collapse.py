@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 ADVICE = (
     "likely causes and the keys to change: FaceSwap from the first step (faceswap.start_step and "
     "faceswap.p_warmup_steps: learn from the other strategies first, then ramp it in; or a lower faceswap.p; "
-    "faceswap.donors=bank so a donor is not also a negative), a temperature too low for the batch "
+    "faceswap.donors=stream so a donor is not also a negative), a temperature too low for the batch "
     "(loss.temperature), a learning rate too high (optim.lr, optim.warmup_steps)"
 )
 

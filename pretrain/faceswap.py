@@ -54,9 +54,13 @@ class FaceSwapConfig:
     enabled: bool = True  # FaceSwap on positives (P, NP) with probability faceswap.p
     # batch: every donor is then also a negative of the anchor, so the swapped positive shares its
     # hair/background/face shape with a negative; bank: frames read once when the pipeline starts, drawn per
-    # batch (seeded), so donors are independent of the batch's negatives.
-    donors: Literal["batch", "bank"] = "batch"  # batch: other rows of the batch; bank: fixed dataset frames
-    donor_bank_frames: int = 256  # donor bank size (donors=bank): one frame per clip, manifest order
+    # batch (seeded), so donors are independent of the batch's negatives; stream (as the paper): a random frame
+    # per clip of random shards over the whole dataset, the set replaced every donor_refresh_steps batches.
+    donors: Literal["batch", "bank", "stream"] = "stream"  # batch rows, fixed bank, or refreshed stream
+    donor_bank_frames: int = (
+        256  # donor set size (donors=bank|stream); bank: one frame per clip, manifest order
+    )
+    donor_refresh_steps: int = 50  # donors=stream: a new donor set every this many batches (seeded by step)
     # A curriculum: FaceSwap from scratch can collapse training (docs/results/FINDINGS.md); learning from the
     # other strategies first and then ramping FaceSwap in trains (docs/results/ablation.md).
     start_step: int = 0  # no FaceSwap before this batch of the run; the p_warmup_steps ramp starts here
@@ -75,6 +79,10 @@ class FaceSwapConfig:
             raise ConfigError(
                 "config keys 'faceswap.p_warmup_steps' and 'faceswap.start_step' must be >= 0, got "
                 f"{self.p_warmup_steps} and {self.start_step}"
+            )
+        if self.donor_refresh_steps < 1:
+            raise ConfigError(
+                f"config key 'faceswap.donor_refresh_steps': need >= 1, got {self.donor_refresh_steps}"
             )
         if self.donor_bank_frames < 2:
             raise ConfigError(
@@ -332,14 +340,20 @@ def color_ratio(
 
 
 def draw_donors(
-    identity: torch.Tensor, pool_identity: torch.Tensor, generator: torch.Generator
+    identity: torch.Tensor,
+    pool_identity: torch.Tensor,
+    generator: torch.Generator,
+    pool_allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(N,) uniform random donor index in the pool with another identity; -1 where none exists."""
+    """(N,) uniform random donor index in the pool with another identity (and ``pool_allowed``, (K,) bool,
+    where given); -1 where none exists."""
     scores = torch.rand(
         identity.shape[0], pool_identity.shape[0], generator=generator, device=generator.device
     )
     scores = scores.to(identity.device)
     allowed = identity[:, None] != pool_identity[None, :].to(identity.device)
+    if pool_allowed is not None:
+        allowed &= pool_allowed[None, :].to(identity.device)
     scores = torch.where(allowed, scores, torch.full_like(scores, -1.0))
     best, index = scores.max(dim=1)
     return torch.where(best >= 0, index, torch.full_like(index, -1))
@@ -422,12 +436,14 @@ class FaceSwap:
         donor_identity: torch.Tensor | None = None,
         donor_index: torch.Tensor | None = None,
         p: float | None = None,
+        donor_allowed: torch.Tensor | None = None,
     ) -> SwapResult:
         """``images`` (N,3,H,W) uint8 or float 0..255 with ``landmarks`` (N,68,2) and integer ``identity`` (N,).
 
         The donor pool defaults to the batch itself. ``donor_index`` (N,) fixes the donors (-1: no swap);
         otherwise they are drawn with ``generator`` among pool entries of another identity. ``p`` overrides
         the configured probability for this call (a warm-up schedule); the draws are the same either way.
+        ``donor_allowed`` (K,) bool restricts the pool further (donors=stream: no identity of the batch).
         """
         if donor_images is None:
             donor_images, donor_landmarks, donor_identity = images, landmarks, identity
@@ -436,7 +452,9 @@ class FaceSwap:
         p = self.cfg.p if p is None else p
         coin = torch.rand(n, generator=generator, device=generator.device).to(device) < p
         if donor_index is None:
-            donor_index = draw_donors(identity.to(device), donor_identity.to(device), generator)
+            donor_index = draw_donors(
+                identity.to(device), donor_identity.to(device), generator, donor_allowed
+            )
         donor_index = donor_index.to(device).long()
         swapped = coin & (donor_index >= 0)
         donor_index = torch.where(swapped, donor_index, torch.full_like(donor_index, -1))

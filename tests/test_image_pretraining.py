@@ -244,7 +244,8 @@ def test_frames_without_size_are_scaled_from_the_jpeg_header(tmp_path):
 def test_pipelines_make_batches_from_images(images_url, kind):
     from pretrain.pipelines import make_batch_pipeline
 
-    extra = ["faceswap.enabled=true", "faceswap.p=1.0", "loss.fn_mode=pick", f"data.pipeline={kind}"]
+    extra = ["faceswap.enabled=true", "faceswap.p=1.0", "faceswap.donors=batch", "loss.fn_mode=pick",
+             f"data.pipeline={kind}"]  # fmt: skip
     pipe = make_batch_pipeline(_cfg(images_url, *IMAGES, *extra), 0, 1, "cpu")
     try:
         assert pipe.steps_in_epoch(0) == 4  # 8 images, 2 per batch

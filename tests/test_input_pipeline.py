@@ -375,7 +375,9 @@ def test_donor_bank_is_shared_seeded_and_resumes_exactly(good_url, clips):
     assert len(set(rank0.donor_bank.identity.tolist())) == 4
     full = _take(make_batch_pipeline(cfg, 0, 1, "cpu"), 3)
     assert all(bool(b.swapped[4:].all()) for b in full)  # p=1: every positive has a donor of another identity
-    from_batch = _take(make_batch_pipeline(_cfg(good_url, "faceswap.p=1.0"), 0, 1, "cpu"), 1)[0]
+    from_batch = _take(
+        make_batch_pipeline(_cfg(good_url, "faceswap.p=1.0", "faceswap.donors=batch"), 0, 1, "cpu"), 1
+    )[0]
     assert not torch.equal(from_batch.images[4:], full[0].images[4:])  # other donors, other pixels
     assert torch.equal(from_batch.images[:4], full[0].images[:4])  # anchors untouched by the choice
     pipe = make_batch_pipeline(cfg, 0, 1, "cpu")

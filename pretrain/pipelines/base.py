@@ -55,7 +55,7 @@ from pretrain.dataset import Dataset, open_dataset
 from pretrain.descriptors import build_descriptor
 from pretrain.loss import batch_layout
 from pretrain.pipelines.clips import ClipGroup, as_clip, choose_frames, resilient_reader
-from pretrain.pipelines.donors import load_donor_bank
+from pretrain.pipelines.donors import DonorBank, DonorStream, load_donor_bank
 from pretrain.sampling import FrameSampler, make_rng
 from pretrain.stream import ClipStream
 
@@ -164,6 +164,16 @@ class ClipBatchPipeline(BatchPipeline):
                 lambda url: map(as_clip, read_shard(url)), self.skips,  # images: one-frame clips
             )  # fmt: skip
             self.donor_bank = bank.to(self.device)
+        self.donor_stream = None  # faceswap.donors=stream: a donor set per refresh, read one refresh ahead
+        if cfg.faceswap.enabled and cfg.faceswap.donors == "stream":
+            read_shard = resilient_reader(iter_samples, self.skips)
+            self.donor_stream = DonorStream(
+                self.dataset, cfg.faceswap.donor_bank_frames, self.data.image_size,
+                lambda url: map(as_clip, read_shard(url)), self.skips, cfg.seed,
+                cfg.faceswap.donor_refresh_steps, self.device,
+            )  # fmt: skip
+            self.donor_stream.at(0)  # start reading the first two sets now
+        self._steps_before: dict[int, int] = {0: 0}
         self.descriptor = (
             build_descriptor(cfg.descriptors).to(self.device).eval() if cfg.loss.fn_mode != "none" else None
         )
@@ -173,6 +183,16 @@ class ClipBatchPipeline(BatchPipeline):
         self._lock = threading.Lock()
         self._epoch, self._index = 0, 0  # next batch to yield
         self._stream_state: dict[str, Any] | None = None  # stream position after the last consumed batch
+
+    def donors_at(self, epoch: int, index: int) -> tuple[DonorBank | None, bool]:
+        """The donor set of batch ``index`` of ``epoch`` (None: the batch's own rows), and whether the batch's
+        identities are to be excluded from it (donors=stream)."""
+        if self.donor_stream is not None:
+            if epoch not in self._steps_before:
+                self._steps_before[epoch] = self.total_steps(epoch)
+            bank = self.donor_stream.at(self._steps_before[epoch] + index)
+            return bank, bank is not None
+        return self.donor_bank, False
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Batches per rank in ``epoch`` (the same on every rank; may vary a little between epochs)."""

@@ -107,16 +107,19 @@ class BatchedPipeline(ClipBatchPipeline):
         view_landmarks = landmarks
         positives, positive_landmarks = images[half:], landmarks[half:]
         if self.swap is not None:
-            # Donors: any entry of another identity - in the donor bank, or a row of the batch (before swapping).
-            bank = self.donor_bank
+            # Donors: any entry of another identity - in the donor set (stream/bank), or a row of the batch
+            # (before swapping). Stream donors also exclude every identity of this (local) batch.
+            bank, exclude = self.donors_at(host.epoch, host.index)
             donors = (
                 (images, landmarks, identity)
                 if bank is None
                 else (bank.images, bank.landmarks, bank.identity)
             )
+            allowed = ~torch.isin(bank.identity, identity) if exclude else None
             result = self.swap(
                 positives, positive_landmarks, identity[half:], gen,
                 donor_images=donors[0], donor_landmarks=donors[1], donor_identity=donors[2], p=host.swap_p,
+                donor_allowed=allowed,
             )  # fmt: skip
             positives, positive_landmarks = result.images, result.landmarks
             swapped[half:] = result.swapped

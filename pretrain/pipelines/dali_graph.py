@@ -30,7 +30,7 @@ Outputs per sample: ``images`` (3, crop, crop) float and ``params`` = [crop_x, c
 mask, family] (crop_x/y: the crop's top-left pixel in the resized image) so landmarks can be mapped.
 
 **In training (``data.pipeline=dali``): two DALI stages around a batched torch FaceSwap.** FaceSwap needs the
-decoded pixels of every row of the batch (donors are other rows) and runs as batched torch ops on the device,
+decoded pixels of every row of the batch (donors=batch: other rows; stream/bank: a donor set) and runs as batched torch ops on the device,
 which DALI cannot call inside a graph without per-sample Python. So :class:`DaliStages` splits the work:
 
 1. *decode stage* (:func:`build_decode_pipeline`): ``external_source`` of the batch's JPEG bytes (all 4B rows in
@@ -39,7 +39,7 @@ which DALI cannot call inside a graph without per-sample Python. So :class:`Dali
    JPEG decides per sample; a same-size resize costs three times the decode); the output TensorList is
    copied into one torch uint8 (N, H, W, 3) device tensor with the PyTorch plugin's ``feed_ndarray`` (on the current CUDA stream on GPU)
    and made planar (N, 3, H, W) once, as the torch ops that follow want it;
-2. *torch, on the device*: FaceSwap on the positive rows (P, NP) with donors from the whole decoded batch,
+2. *torch, on the device*: FaceSwap on the positive rows (P, NP) with donors from the donor set or the decoded batch,
    the mouth-eye descriptors from the unswapped frames, and the landmark-ellipse masks of every row (from the
    swapped landmarks for swapped rows), filled with each image's mean colour by planar uint8 arithmetic (DALI's
    CPU arithmetic ops took ~18 ms per 64-image batch for the same fill) - each one batched call seeded by

@@ -8,8 +8,8 @@ torchvision:
   (:class:`pretrain.pipelines.base.ClipBatchPipeline`; the reader runs in the main process as the DataLoader's
   *sampler*: each "index" it yields is one clip group with its JPEG bytes);
 * DataLoader workers (``data.num_workers`` processes, ``batch_size=None``) turn a group into a batch, one image
-  at a time: PIL decode -> FaceSwap of each positive (P, NP) with probability ``faceswap.p`` onto a donor row of
-  another identity, with the per-sample NumPy/SciPy recipe :func:`pretrain.faceswap.face_swap_reference` (what
+  at a time: PIL decode -> FaceSwap of each positive (P, NP) with probability ``faceswap.p`` onto a donor of
+  another identity (from the donor set that travels with the group, or a row of the batch), with the per-sample NumPy/SciPy recipe :func:`pretrain.faceswap.face_swap_reference` (what
   the original code did with OpenCV) -> landmark-ellipse mask drawn with PIL and filled with the image mean ->
   ``Resize`` / ``RandomCrop`` / ``RandomHorizontalFlip`` / ``ColorJitter`` (always for the first family when
   ``augment.jitter_always_first_family``) / ``GaussianBlur`` / ``RandomGrayscale`` / ``ToTensor`` /
@@ -84,13 +84,14 @@ class TorchvisionViews:
 class _GroupSampler:
     """The DataLoader's sampler: clip groups from the pipeline's reader; remembers each group's stream state."""
 
-    def __init__(self, groups, states: dict[tuple[int, int], Any]):
-        self.groups, self.states = groups, states
+    def __init__(self, groups, states: dict[tuple[int, int], Any], donors_for=None):
+        self.groups, self.states, self.donors_for = groups, states, donors_for
 
     def __iter__(self):
         for group, state in self.groups:
             self.states[(group.epoch, group.index)] = state
-            yield group
+            # donors=stream: the group travels with its donor set (the batch's identities left out)
+            yield group, (self.donors_for(group) if self.donors_for is not None else None)
 
 
 class _GroupToBatch(torch.utils.data.Dataset):
@@ -110,7 +111,8 @@ class _GroupToBatch(torch.utils.data.Dataset):
             image = image.resize((self.size, self.size), Image.BILINEAR)
         return image
 
-    def __getitem__(self, group: ClipGroup) -> dict[str, Any]:
+    def __getitem__(self, item: tuple[ClipGroup, Any]) -> dict[str, Any]:
+        group, stream_donors = item
         seed = device_seed(self.cfg.seed, group.epoch, self.rank, group.index)
         torch.manual_seed(seed)
         random.seed(seed)
@@ -141,7 +143,11 @@ class _GroupToBatch(torch.utils.data.Dataset):
         faces, face_landmarks = list(pil), list(landmarks)
         if self.swap_cfg is not None:
             pool_images, pool_landmarks, pool_identity = (
-                (sources, landmarks, row_identity) if self.bank is None else self.bank
+                stream_donors
+                if stream_donors is not None
+                else (sources, landmarks, row_identity)
+                if self.bank is None
+                else self.bank
             )
             for i in range(half, n):  # positives (P, NP), one at a time
                 donors = np.flatnonzero(pool_identity != row_identity[i])
@@ -187,7 +193,7 @@ class TorchvisionBatchPipeline(ClipBatchPipeline):
         workers = self.data.num_workers
         loader = torch.utils.data.DataLoader(
             _GroupToBatch(self.cfg, self.rank, self.rows_per_clip, self.layout, self.donor_bank),
-            sampler=_GroupSampler(groups, states),
+            sampler=_GroupSampler(groups, states, self._stream_donors if self.donor_stream else None),
             batch_size=None,
             num_workers=workers,
             prefetch_factor=max(1, self.data.prefetch // max(1, workers)) if workers else None,
@@ -205,6 +211,17 @@ class TorchvisionBatchPipeline(ClipBatchPipeline):
                 yield batch
         finally:
             self.close()
+
+    def _stream_donors(self, group: ClipGroup):
+        """The numpy donor set of ``group`` (donors=stream), every identity of the group left out."""
+        bank, _ = self.donors_at(group.epoch, group.index)
+        if bank is None:
+            return None  # an unusable set (counted): the batch's own rows
+        if getattr(self, "_numpy_set", (None,))[0] is not bank:
+            self._numpy_set = (bank, bank.numpy())
+        images, landmarks, identity = self._numpy_set[1]
+        keep = ~np.isin(identity, [clip_identity(s) for s in group.samples])
+        return images[keep], landmarks[keep], identity[keep]
 
     def _finish_item(self, item: dict[str, Any], wait_s: float) -> Batch:
         for reason, count in item["skips"].items():
