@@ -32,6 +32,16 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 # Set for every Ray process the project starts or talks to.
+# The object store's variables (data_shards.store reads them): forwarded to Ray workers, which do not
+# necessarily inherit them from the driver.
+STORE_ENV = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+)
 RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # else Ray binds all interfaces despite 127.0.0.1
     "RAY_USAGE_STATS_ENABLED": "0",

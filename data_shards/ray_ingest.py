@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.ray_jobs import STORE_ENV
 from data_shards import ingest, store
 from data_shards.faces import FaceAligner, FaceConfig, FaceModelError
 from data_shards.manifest import MANIFEST_NAME, ShardEntry, build_manifest
@@ -65,12 +66,7 @@ JPEG_BYTES_PER_PIXEL = 0.3  # plan estimate: a 128 px face crop at quality 90 is
 # What a joined cluster's workers need that they do not inherit from this process (credentials included).
 FORWARD_ENV = (
     "OMP_NUM_THREADS",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
+    *STORE_ENV,
 )
 
 

@@ -40,6 +40,26 @@ from launch.services import (
 )
 
 
+def _start_blocking(service: RayHead | RayNode, cmd: list[str], log_path: Path) -> None:
+    """Run ``ray start ... --block`` in its own process group (stopping kills exactly that group) and wait
+    until ``service`` is ready; whatever was started is stopped if it never gets there."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=service.env(), start_new_session=True
+        )
+    service.pid = proc.pid
+    try:
+        service._wait_ready(proc, log_path)
+    except BaseException:
+        service.stop()
+        raise
+
+
+def _record(path: Path, pid: int, **fields) -> None:
+    """The state file ``status``/``stop`` read: the PID with its start time (a reused PID is not ours)."""
+    path.write_text(json.dumps({"pid": pid, "pid_start": process_start_time(pid), **fields}))
+
+
 @dataclass
 class RayHead:
     """``ray start --head`` on 127.0.0.1 with a capped object store and a private temp dir."""
@@ -129,30 +149,10 @@ class RayHead:
             cmd.append(f"--num-gpus={self.num_gpus}")
         if self.system_config:
             cmd.append(f"--system-config={json.dumps(self.system_config)}")
-        log_path = self.state_dir / "head.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
-            )
-        self.pid = proc.pid
-        try:
-            self._wait_ready(proc, log_path)
-        except BaseException:
-            self.stop()
-            raise
-        (self.state_dir / "head.json").write_text(
-            json.dumps(
-                {
-                    "pid": self.pid,
-                    "pid_start": process_start_time(self.pid),
-                    "auth": self.auth,
-                    "token_path": str(self.token_path) if self.auth == "token" else None,
-                    "gcs_address": self.gcs_address,
-                    "dashboard_url": self.dashboard_url,
-                    "temp_dir": self.temp_dir,
-                }
-            )
-        )
+        _start_blocking(self, cmd, self.state_dir / "head.log")
+        _record(self.state_dir / "head.json", self.pid, auth=self.auth,
+                token_path=str(self.token_path) if self.auth == "token" else None,
+                gcs_address=self.gcs_address, dashboard_url=self.dashboard_url, temp_dir=self.temp_dir)  # fmt: skip
         return self
 
     def _wait_ready(self, proc, log_path: Path) -> None:
@@ -277,29 +277,9 @@ class RayNode:
             cmd.append(f"--num-gpus={self.num_gpus}")
         if self.resources:
             cmd.append(f"--resources={json.dumps(self.resources)}")
-        log_path = self.state_dir / "node.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
-            )
-        self.pid = proc.pid
-        try:
-            self._wait_ready(proc, log_path)
-        except BaseException:
-            self.stop()
-            raise
-        (self.state_dir / "node.json").write_text(
-            json.dumps(
-                {
-                    "pid": self.pid,
-                    "pid_start": process_start_time(self.pid),
-                    "node_id": self.node_id,
-                    "node_name": self.node_name,
-                    "gcs_address": self.gcs_address,
-                    "temp_dir": self.temp_dir,
-                }
-            )
-        )
+        _start_blocking(self, cmd, self.state_dir / "node.log")
+        _record(self.state_dir / "node.json", self.pid, node_id=self.node_id, node_name=self.node_name,
+                gcs_address=self.gcs_address, temp_dir=self.temp_dir)  # fmt: skip
         return self
 
     def _alive_node_id(self) -> str | None:

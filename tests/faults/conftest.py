@@ -156,20 +156,6 @@ def assert_clean_error(rc: int, out: str, *needles: str, code: int = 2) -> str:
 
 
 @pytest.fixture(scope="session")
-def clips_dir(tmp_path_factory) -> Path:
-    """16 SynthFace clips (~25 frames, 64 px) in 4 shards: 8 steps per epoch on 1 rank, 4 on 2 ranks."""
-    from data_shards.synth import SynthConfig, iter_clips
-    from data_shards.write import ShardWriter
-
-    url = tmp_path_factory.mktemp("faults-clips") / "synth"
-    cfg = SynthConfig(identities=8, clips_per_identity=2, seconds=6.0, size=64, seed=0)
-    with ShardWriter(str(url), kind="clips", split="pretrain", generator={"synth": True}, max_samples=4) as w:
-        for clip in iter_clips(cfg):
-            w.write_clip(clip)
-    return url
-
-
-@pytest.fixture(scope="session")
 def reference(clips_dir, tmp_path_factory) -> dict[int, float]:
     """Losses of one uninterrupted 1-rank run of 6 steps (checkpoints every 2): what resumed runs must match."""
     run_dir = tmp_path_factory.mktemp("faults-reference") / "run"
