@@ -40,7 +40,7 @@ def parse_args(argv=None):
         "--batch-clips", type=int, default=8, help="clips per rank; 4 images each ([A, NA, P, NP])"
     )
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16_autocast", "bf16_weights"], default="fp32")
     p.add_argument("--steps", type=int, default=20, help="timed steps per loop")
     p.add_argument("--block", type=int, default=5, help="steps per alternation block")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -139,7 +139,8 @@ def worker(args) -> None:
         [f"model.arch={args.arch}", f"model.width={args.width}", f"data.batch_clips={args.batch_clips}",
          f"zero_stage={args.zero_stage}", f"precision={args.precision}", f"device={args.device}"],
     )  # fmt: skip
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if args.precision == "bf16_weights" else torch.float32
+    autocast = args.precision == "bf16_autocast"  # both sides: fp32 weights, bf16 autocast forward
 
     gen = torch.Generator().manual_seed(rank)
     n = 4 * args.batch_clips
@@ -157,7 +158,9 @@ def worker(args) -> None:
     )
 
     def ddp_step():
-        out = loss_fn(ddp(images).float(), positive, group, descriptors)
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            z = ddp(images)
+        out = loss_fn(z.float(), positive, group, descriptors)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -171,7 +174,9 @@ def worker(args) -> None:
     )
 
     def ds_step():
-        out = loss_fn(engine(images).float(), positive, group, descriptors)
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            z = engine(images)
+        out = loss_fn(z.float(), positive, group, descriptors)
         engine.backward(out.loss)
         engine.step()
 

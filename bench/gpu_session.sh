@@ -26,6 +26,7 @@ STEPS=${STEPS:-60}
 THREADS=${THREADS:-$(nproc)}
 IDENTITIES=${IDENTITIES:-256} # SynthFace corpus: IDENTITIES x 4 clips of 8 s at 128 px (8 steps per epoch at 128)
 MODEL=${MODEL:-}             # extra overrides for the pretraining run (tests: a tiny model on CPU)
+PRECISION=${PRECISION:-bf16_weights} # part 3 on CUDA: bf16_weights (the paper configs) or bf16_autocast
 PY=${PY:-python3}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -75,7 +76,7 @@ part bench_input $PY bench/bench_input.py --parts shapes full --device "$DEVICE"
   --clips "$CLIPS" --full-batches 20 --no-extras
 part synth $PY -m data_shards synth --out "$WORK/clips" --identities "$IDENTITIES" --clips-per-identity 4 \
   --seconds 8 --size 128 --seed 0
-precision=bf16
+precision=$PRECISION
 [ "$DEVICE" = cuda ] || precision=fp32
 # Both ways of finishing batches on a GPU (data.finish_in): the training thread queues the device work on its
 # stream (auto), or each worker thread on its own CUDA stream, handing over an event.

@@ -100,9 +100,11 @@ def pretrain_cmd(
     variant: str, seed: int, run_dir: Path, data: Path, steps: int, extra: list[str] | None = None
 ) -> list[str]:
     """The deepspeed command of one run; ``extra`` (``--set``) overrides come last, so they win."""
+    from pretrain.distributed import free_port
+
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    return [
-        deepspeed, "--num_gpus", "2", "launch/pretrain.py", "--config", "launch/configs/demo.yaml",
+    return [  # a free rendezvous port: two ablations (or an ablation and a training run) can share a machine
+        deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py", "--config", "launch/configs/demo.yaml",
         f"run_dir={run_dir}", f"data.url={data}", f"max_steps={steps}", f"seed={seed}", f"data.seed={seed}",
         "resume=never", "log_every=50", f"checkpoint_every={steps}", *VARIANTS[variant], *(extra or []),
     ]  # fmt: skip

@@ -109,6 +109,17 @@ def enable_crash_stacks() -> None:
         pass
 
 
+def _wait_for_every_rank() -> None:
+    """Every rank raised the same agreed error: wait until all have printed it. Otherwise the first rank to
+    exit makes torchrun or the deepspeed launcher kill the others before their line reaches the log."""
+    from pretrain import distributed
+
+    try:
+        distributed.barrier()
+    except Exception:  # a rank already gone: nothing left to wait for, and the error is printed
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     enable_crash_stacks()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -129,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         # User-fixable problems (world-size change, too few shards, credentials, missing manifest): one line
         # that names the file or setting, not a traceback from every rank.
-        print(f"error: {redact(str(err))}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr, flush=True)
+        if getattr(err, "every_rank", False):
+            _wait_for_every_rank()
         return 2
     except NonFiniteLossError as err:  # nan_policy=stop: a training fault, not a bad argument
         print(f"error: {err}", file=sys.stderr)

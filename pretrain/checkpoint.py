@@ -79,6 +79,16 @@ DEEPSPEED_GLOBALS = (
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used for this run; the message says why and what to do."""
 
+    #: True where every rank raises this same error at the same point (a save's agreed failure path), so the
+    #: launcher may wait for all of them to report before any exits.
+    every_rank: bool = False
+
+
+class AgreedCheckpointError(CheckpointError):
+    """A save failed and every rank agreed on it (a collective decided it): each rank raises this."""
+
+    every_rank = True
+
 
 class _Refused(Exception):
     """A checkpoint fails verification. ``hostile``: its files are intact (checksums match) but one holds
@@ -430,7 +440,7 @@ class Checkpointer:
         if error is not None:
             self._abandon(partial, tag, error)
         if publish_failure is not None:
-            raise CheckpointError(publish_failure)
+            raise AgreedCheckpointError(publish_failure)
 
         # 4. Retention and the mirror (rank 0), agreed on like the rest.
         failure: str | None = None
@@ -447,7 +457,7 @@ class Checkpointer:
                     )
         failure = distributed.broadcast_object(failure)
         if failure is not None:
-            raise CheckpointError(failure)
+            raise AgreedCheckpointError(failure)
         return final
 
     def _abandon(self, partial: Path, tag: str, error: str) -> None:
@@ -455,7 +465,7 @@ class Checkpointer:
         if distributed.is_main():
             shutil.rmtree(partial, ignore_errors=True)
         distributed.barrier()
-        raise CheckpointError(
+        raise AgreedCheckpointError(
             f"writing checkpoint {tag} in {self.dir} failed ({error}); it was not published and the latest "
             f"checkpoint is still {_name(self.latest())}: free disk space (or fix the folder) and rerun with "
             "resume=auto"

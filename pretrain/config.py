@@ -7,6 +7,7 @@ the few rules that span sections. Load with ``common.configio.load_config(Pretra
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,8 @@ from pretrain.sampling import SamplingConfig
 from pretrain.stream import StreamConfig
 
 Pipeline = Literal["torch", "dali", "torchvision"]
+# "bf16" is the old name of bf16_weights: still read (one FutureWarning), rewritten to the new name on load.
+Precision = Literal["fp32", "bf16_autocast", "bf16_weights", "bf16"]
 
 
 @dataclass
@@ -106,7 +109,9 @@ class PretrainConfig:
     log_every: int = 10  # steps between metrics.jsonl lines and progress updates
     checkpoint_every: int = 1000  # steps between checkpoints (0: only at the end and on signals)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on GPU; fp32: exact (the CPU setting)
+    precision: Precision = (  # fp32: exact; bf16_autocast: fp32 weights, grads and Adam, the forward under
+        "fp32"  # bf16 autocast (CPU or CUDA); bf16_weights: DeepSpeed bf16 weights+buffers; bf16: old bf16_weights
+    )
     zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed ZeRO: 0 data parallel; 1 shards optimizer states; 2 + grads
     freeze_bn_stats: bool = False  # BatchNorm in eval mode (running stats): no coupling between batch rows
     # Seconds a collective may wait for a peer (process-group timeout): a rank that died or hangs ends the
@@ -145,6 +150,15 @@ class PretrainConfig:
             raise ConfigError("config keys 'log_every' must be >= 1 and 'checkpoint_every' >= 0")
         if not self.resume:
             raise ConfigError("config key 'resume': auto, never, or a checkpoint folder path")
+        if self.precision == "bf16":
+            warnings.warn(
+                "config key 'precision': 'bf16' is deprecated; it means bf16_weights (DeepSpeed bf16 weights and "
+                "buffers). Set precision=bf16_weights for that, or precision=bf16_autocast for fp32 weights with "
+                "a bf16 autocast forward",
+                FutureWarning,
+                stacklevel=2,
+            )
+            self.precision = "bf16_weights"
         if self.optim.warmup_steps and self.max_steps and self.optim.warmup_steps >= self.max_steps:
             raise ConfigError(
                 f"config key 'optim.warmup_steps': {self.optim.warmup_steps} is not below "

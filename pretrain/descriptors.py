@@ -52,14 +52,15 @@ class DescriptorError(UserError, RuntimeError):
 @dataclass
 class DescriptorConfig:
     kind: Literal["landmarks", "cnn"] = "landmarks"  # MaskFN mouth-eye descriptor: geometry or frozen CNN
-    weights_path: str | None = None  # torchvision resnet18 state_dict, for kind=cnn
+    weights_path: str | None = None  # kind=cnn: a torchvision resnet18 state_dict, or a backbone.pt of a run
     crop_size: int = 64  # side of the eye and mouth crops fed to the CNN
 
     def validate(self) -> None:
 
         if self.kind == "cnn" and (not self.weights_path or not Path(self.weights_path).is_file()):
             raise ConfigError(
-                f"config key 'descriptors.weights_path': kind=cnn needs a torchvision resnet18 state_dict file, "
+                f"config key 'descriptors.weights_path': kind=cnn needs a torchvision resnet18 state_dict file "
+                "or a pretraining run's backbone.pt, "
                 f"got {self.weights_path!r} (save one with torch.save(model.state_dict(), path), "
                 "or use descriptors.kind=landmarks)"
             )
@@ -172,7 +173,8 @@ def _region_boxes(landmarks: torch.Tensor, points: list[int], margin: float) -> 
 
 
 class CNNDescriptor(nn.Module):
-    """Frozen ResNet-18 features of the eye-region and mouth crops: (N, 3, H, W), (N, 68, 2) -> (N, 1024)."""
+    """Frozen CNN features of the eye-region and mouth crops: (N, 3, H, W), (N, 68, 2) -> (N, 2 x features):
+    1024 for a torchvision ResNet-18, 2 x the backbone's feature size for a pretraining run's ``backbone.pt``."""
 
     def __init__(self, weights_path: str | Path, crop_size: int = 64, margin: float = 0.25):
         super().__init__()
@@ -184,14 +186,22 @@ class CNNDescriptor(nn.Module):
                 f"CNN descriptor weights '{path}' not found: set descriptors.weights_path to a torchvision "
                 "resnet18 state_dict (nothing is downloaded), or use descriptors.kind=landmarks"
             )
-        net = resnet18(weights=None)
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise DescriptorError(f"'{path}' is not a state_dict (a {type(state).__name__})")
         state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        net: nn.Module | None = resnet18(weights=None)
+        try:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except RuntimeError:  # shapes differ: e.g. a narrower backbone.pt
+            missing, unexpected = ["(shapes)"], []
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
+            net = _project_backbone(state)
+        if net is None:
             raise DescriptorError(
-                f"'{path}' is not a resnet18 state_dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
+                f"'{path}' is neither a torchvision resnet18 state_dict nor a backbone.pt of this project "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         net.fc = nn.Identity()
         self.net = net.eval().requires_grad_(False)
@@ -219,6 +229,20 @@ class CNNDescriptor(nn.Module):
             crops = roi_align(images, torch.cat([index, boxes], dim=1), self.crop_size, aligned=True)
             feats.append(self.net(crops))
         return torch.cat(feats, dim=1)
+
+
+def _project_backbone(state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """A ``backbone.pt`` written by pretraining (any arch/width of ``pretrain.model``), else None: e.g. a SimCLR
+    face model, trained without expression labels, as the frozen descriptor network."""
+    from pretrain.model import ResNetBackbone, infer_model_config
+
+    try:
+        cfg = infer_model_config(state)
+        net = ResNetBackbone(cfg.arch, cfg.width)
+        net.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError):
+        return None
+    return net
 
 
 def build_descriptor(cfg: DescriptorConfig) -> nn.Module:

@@ -10,8 +10,10 @@ Choices worth knowing:
   JSON. We pass a torch ``LambdaLR`` (linear warmup from 0, then cosine to ``min_lr_ratio``) as a callable to
   ``deepspeed.initialize``; DeepSpeed steps it once per optimiser step and saves it in checkpoints.
   :func:`lr_factor` is the schedule, step ``s`` being the number of optimiser steps already taken.
-* bf16: BatchNorm buffers follow the weights (``data_types.buffer_dtype``), otherwise the fp32 running stats
-  meet bf16 activations and BatchNorm fails.
+* ``precision=bf16_weights``: DeepSpeed's bf16 mode; BatchNorm buffers follow the weights
+  (``data_types.buffer_dtype``), otherwise the fp32 running stats meet bf16 activations and BatchNorm fails.
+  ``precision=bf16_autocast`` sets nothing here: the weights, gradients and optimizer stay fp32 and the engine
+  runs the forward under ``torch.autocast`` (``pretrain/engine.py``).
 * ``gradient_accumulation_steps`` is 1: one step = one all-gathered contrastive batch; accumulating would change
   the negatives, not just the memory.
 
@@ -65,7 +67,7 @@ def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # our own metrics.jsonl and progress bar report progress
         "wall_clock_breakdown": False,
     }
-    if cfg.precision == "bf16":
+    if cfg.precision == "bf16_weights":
         config["bf16"] = {"enabled": True}
         config["data_types"] = {"buffer_dtype": "bf16"}
     return config
@@ -145,13 +147,17 @@ DERIVED: tuple[Derived, ...] = (
             "drop the key (torch's Adam needs it under ZeRO)"),
     Derived("gradient_clipping", "optim.grad_clip", lambda c, w: float(c.optim.grad_clip),
             _fix_set("optim.grad_clip")),
-    Derived("bf16.enabled", "precision", lambda c, w: c.precision == "bf16",
-            "set precision=bf16 or precision=fp32 instead", lambda c, w: c.precision),
-    Derived("data_types.buffer_dtype", "precision", lambda c, w: "bf16" if c.precision == "bf16" else None,
+    Derived("bf16.enabled", "precision", lambda c, w: c.precision == "bf16_weights",
+            "set precision=bf16_weights (DeepSpeed bf16 weights) or precision=bf16_autocast (fp32 weights, bf16 "
+            "autocast forward) or precision=fp32 instead", lambda c, w: c.precision),
+    Derived("data_types.buffer_dtype", "precision",
+            lambda c, w: "bf16" if c.precision == "bf16_weights" else None,
             "drop the key (BatchNorm buffers follow the weights)", lambda c, w: c.precision),
     Derived("fp16.enabled", "precision", lambda c, w: False,
-            "fp16 is not offered (no loss scaling): set precision=bf16 instead", lambda c, w: c.precision),
-    Derived("amp.enabled", "precision", lambda c, w: False, "set precision=bf16 or precision=fp32 instead",
+            "fp16 is not offered (no loss scaling): set precision=bf16_autocast or precision=bf16_weights "
+            "instead", lambda c, w: c.precision),
+    Derived("amp.enabled", "precision", lambda c, w: False,
+            "set precision=bf16_autocast (torch autocast) or precision=bf16_weights or precision=fp32 instead",
             lambda c, w: c.precision),
 )  # fmt: skip
 

@@ -29,7 +29,7 @@ from pretrain.config import PretrainConfig, resolve_global_batch
 from pretrain.dataset import open_dataset
 from pretrain.ds_config import lr_scheduler_factory, resolve_ds_config, save_resolved, write_monitor_loss
 from pretrain.loss import DistributedInfoNCE, LossOutput
-from pretrain.model import ContrastiveEncoder, save_backbone
+from pretrain.model import ContrastiveEncoder, compile_in_place, save_backbone
 from pretrain.pipelines import Batch, make_batch_pipeline
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ class Trainer:
         # The weights stay contiguous: DeepSpeed broadcasts/flattens parameters as plain byte views, which
         # channels_last weights are not.
         model = ContrastiveEncoder(cfg.model)
+        if cfg.model.compile:  # in place: state_dict keys, hence checkpoints, stay those of the eager model
+            compile_in_place(model)
         self.loss_fn = DistributedInfoNCE(cfg.loss)
         # The project's DeepSpeed keys merged with the user's --deepspeed_config JSON (monitors, profilers...).
         self.ds_config = resolve_ds_config(cfg, self.world_size)
@@ -154,10 +156,14 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def forward_loss(self, batch: Batch) -> LossOutput:
         images = batch.images
-        if self.cfg.precision == "bf16":
+        precision = self.cfg.precision
+        if precision == "bf16_weights":
             images = images.to(torch.bfloat16)
-        z = self.engine(images).float()  # the loss runs in fp32 whatever the model precision
-        return self.loss_fn(z, batch.positive_index, batch.group_id, batch.descriptors)
+        # bf16_autocast: the weights stay fp32 and autocast runs convolutions/matmuls in bf16 (BatchNorm in fp32).
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=precision == "bf16_autocast"):
+            z = self.engine(images)
+        z = z.float()  # the loss runs in fp32 whatever the model precision, outside autocast
+        return self.loss_fn(z, batch.positive_index, batch.group_id, batch.descriptors, batch.donor_row)
 
     def train_step(self, batch: Batch) -> StepResult:
         lr = self.current_lr()  # engine.step() advances the schedule: read the LR this step uses first

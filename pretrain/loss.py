@@ -38,6 +38,10 @@ class LossConfig:
     fn_lambda: float = 0.8  # weight of L2 (the picked false negative treated as a positive)
     fn_threshold: float = 0.5  # descriptor cosine above which a negative is dropped (threshold mode)
     gather: bool = True  # negatives from the all-gathered global batch (False: this rank's rows only)
+    # With in-batch FaceSwap donors a swapped positive is, outside its pasted inner face, a copy of its donor,
+    # which is also one of the anchor's negatives. True: the donor clip's rows leave the denominators of both
+    # rows of that positive pair (no effect where no donor came from the batch, e.g. faceswap.donors=stream).
+    drop_donor_columns: bool = False  # drop the in-batch donor clip's rows from the swapped pair's negatives
 
     def validate(self) -> None:
 
@@ -89,8 +93,12 @@ def info_nce(
     fn_threshold: float = 0.5,
     group_id: torch.Tensor | None = None,
     row_indices: torch.Tensor | None = None,
+    drop_group: torch.Tensor | None = None,
 ) -> LossOutput:
-    """InfoNCE over rows ``row_indices`` (default all) of ``z`` (N, D, unnormalised) against all N columns."""
+    """InfoNCE over rows ``row_indices`` (default all) of ``z`` (N, D, unnormalised) against all N columns.
+
+    ``drop_group`` (N,) long: for row i >= 0, every column of group ``drop_group[i]`` leaves row i's negatives
+    (the in-batch FaceSwap donor of its pair, :func:`donor_linked_groups`); needs ``group_id``."""
     _check_inputs(z, positive_index)
     n = z.shape[0]
     device = z.device
@@ -104,6 +112,11 @@ def info_nce(
     negative = torch.ones(r, n, dtype=torch.bool, device=device)
     negative[ar, rows] = False
     negative[ar, pos] = False
+    if drop_group is not None:
+        if group_id is None:
+            raise ValueError("drop_group needs group_id (the columns to drop are a donor clip's rows)")
+        linked = drop_group.to(device=device, dtype=torch.long)[rows]
+        negative &= ~((group_id.to(device)[None, :] == linked[:, None]) & (linked[:, None] >= 0))
 
     use_fn = fn_descriptors is not None and fn_mode != "none"
     groups = group_id.to(device) if group_id is not None else None
@@ -179,13 +192,20 @@ class DistributedInfoNCE(nn.Module):
         positive_index_local: torch.Tensor,
         group_id_local: torch.Tensor | None = None,
         descriptors_local: torch.Tensor | None = None,
+        donor_row_local: torch.Tensor | None = None,
     ) -> LossOutput:
+        """``donor_row_local`` (n,) long: the local row whose frame was each row's in-batch FaceSwap donor, -1
+        where none; used with ``loss.drop_donor_columns``."""
         cfg = self.cfg
         n = z_local.shape[0]
         world = distributed.get_world_size() if cfg.gather else 1
         rank = distributed.get_rank() if cfg.gather else 0
         positive_index_local = positive_index_local.to(z_local.device, torch.long)
+        drop_local = None
+        if cfg.drop_donor_columns and donor_row_local is not None and group_id_local is not None:
+            drop_local = donor_linked_groups(positive_index_local, group_id_local, donor_row_local)
         gather_s = 0.0
+        drop = drop_local
         if world > 1:
             t0 = _gather_clock(z_local.device)
             z = distributed.all_gather_with_grad(z_local)
@@ -198,6 +218,9 @@ class DistributedInfoNCE(nn.Module):
             descriptors = None
             if descriptors_local is not None:
                 descriptors = distributed.all_gather_no_grad(descriptors_local.to(z_local.device))
+            if drop_local is not None:  # local group ids -> the global ids the gathered groups use
+                global_ids = torch.where(drop_local >= 0, drop_local * world + rank, drop_local)
+                drop = distributed.all_gather_no_grad(global_ids.to(z_local.device))
             gather_s = _gather_clock(z_local.device) - t0
         else:
             z, positives, groups, descriptors = (
@@ -217,9 +240,28 @@ class DistributedInfoNCE(nn.Module):
             fn_threshold=cfg.fn_threshold,
             group_id=groups,
             row_indices=rows,
+            drop_group=drop,
         )
         out.gather_seconds = gather_s
         return out
+
+
+def donor_linked_groups(
+    positive_index: torch.Tensor, group_id: torch.Tensor, donor_row: torch.Tensor
+) -> torch.Tensor:
+    """(N,) long: the group of the in-batch donor linked to each row, -1 where none.
+
+    A row swapped onto donor row d links itself and its positive (the anchor) to d's group: both see the donor
+    clip's rows as near-copies of the swapped image. Rows of one batch only (local ids)."""
+    device = group_id.device
+    donor_row = donor_row.to(device=device, dtype=torch.long)
+    positive_index = positive_index.to(device=device, dtype=torch.long)
+    group_id = group_id.to(device).long()
+    linked = torch.where(donor_row >= 0, group_id[donor_row.clamp_min(0)], torch.full_like(donor_row, -1))
+    out = linked.clone()
+    swapped = (linked >= 0).nonzero()[:, 0]
+    out[positive_index[swapped]] = linked[swapped]  # the anchor of each swapped row
+    return out
 
 
 def _gather_clock(device: torch.device) -> float:

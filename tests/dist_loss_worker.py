@@ -17,14 +17,33 @@ import torch
 from pretrain import distributed
 from pretrain.loss import DistributedInfoNCE, LossConfig, batch_layout, info_nce
 
-CASES = [  # (name, layout, clips per rank, fn_mode, with descriptors)
-    ("simclr", "simclr", 3, "none", False),
-    ("sslfer_pick", "sslfer", 2, "pick", True),
-    ("sslfer_threshold", "sslfer", 2, "threshold", True),
+CASES = [  # (name, layout, clips per rank, fn_mode, with descriptors, in-batch donors dropped)
+    ("simclr", "simclr", 3, "none", False, False),
+    ("sslfer_pick", "sslfer", 2, "pick", True, False),
+    ("sslfer_threshold", "sslfer", 2, "threshold", True, False),
+    ("sslfer_pick_drop_donors", "sslfer", 3, "pick", True, True),
 ]
 
 
-def run_case(layout: str, clips: int, fn_mode: str, with_desc: bool) -> dict:
+def _donor_rows(rank: int, n: int) -> torch.Tensor:
+    """Local donor rows: P of clip 0 <- A of clip (1 + rank) % 3, NP of clip 2 <- NA of clip 0 (3 clips)."""
+    donor = torch.full((n,), -1)
+    donor[6], donor[11] = (1 + rank) % 3, 3
+    return donor
+
+
+def _global_drop(world: int, n: int, positive: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The single-process view, built row by row: a swapped row and its anchor drop the donor's global group."""
+    drop = torch.full((world * n,), -1)
+    for r in range(world):
+        for local, donor in enumerate(_donor_rows(r, n).tolist()):
+            if donor >= 0:
+                row = r * n + local
+                drop[row] = drop[int(positive[row])] = int(groups[r * n + donor])
+    return drop
+
+
+def run_case(layout: str, clips: int, fn_mode: str, with_desc: bool, drop_donors: bool) -> dict:
     rank, world = distributed.get_rank(), distributed.get_world_size()
     torch.manual_seed(1234)
     model = torch.nn.Linear(6, 5)
@@ -32,11 +51,15 @@ def run_case(layout: str, clips: int, fn_mode: str, with_desc: bool) -> dict:
     n = pos_local.shape[0]
     x_all = torch.randn(world * n, 6)
     desc_all = torch.randn(world * n, 4) if with_desc else None
-    cfg = LossConfig(temperature=0.1, fn_mode=fn_mode, fn_threshold=0.2)
+    cfg = LossConfig(temperature=0.1, fn_mode=fn_mode, fn_threshold=0.2, drop_donor_columns=drop_donors)
 
     block = slice(rank * n, (rank + 1) * n)
     out = DistributedInfoNCE(cfg)(
-        model(x_all[block]), pos_local, grp_local, desc_all[block] if with_desc else None
+        model(x_all[block]),
+        pos_local,
+        grp_local,
+        desc_all[block] if with_desc else None,
+        _donor_rows(rank, n) if drop_donors else None,
     )
     out.loss.backward()
     grads = [distributed.all_reduce_mean(p.grad) for p in model.parameters()]
@@ -56,6 +79,7 @@ def run_case(layout: str, clips: int, fn_mode: str, with_desc: bool) -> dict:
         cfg.fn_mode,
         cfg.fn_threshold,
         groups,
+        drop_group=_global_drop(world, n, positive, groups) if drop_donors else None,
     )
     ref.loss.backward()
     return {
@@ -63,6 +87,7 @@ def run_case(layout: str, clips: int, fn_mode: str, with_desc: bool) -> dict:
         "loss": ref.loss.item(),
         "grad_diff": max((g - p.grad).abs().max().item() for g, p in zip(grads, ref_model.parameters())),
         "grad_norm": sum(p.grad.norm().item() for p in ref_model.parameters()),
+        "negatives_per_row": ref.negatives_per_row.item(),
     }
 
 

@@ -26,6 +26,10 @@ CASES = {
                      "faceswap.enabled=false", "zero_stage=2"],
     "sslfer-zero2": ["sampling.strategy=timeaug", "sampling.hard_negatives=true", "loss.fn_mode=pick",
                      "faceswap.enabled=true", "zero_stage=2"],
+    "sslfer-batch-donors-dropped": ["sampling.strategy=timeaug", "sampling.hard_negatives=true",
+                                    "loss.fn_mode=pick", "faceswap.enabled=true", "faceswap.donors=batch",
+                                    "faceswap.p=1.0", "faceswap.p_warmup_steps=0", "faceswap.start_step=0",
+                                    "loss.drop_donor_columns=true", "zero_stage=0"],
 }  # fmt: skip
 
 
@@ -65,6 +69,7 @@ def main() -> None:
                 "positive_index": batch.positive_index.cpu(),
                 "group_id": batch.group_id.cpu(),
                 "descriptors": None if batch.descriptors is None else batch.descriptors.cpu(),
+                "donor_row": None if batch.donor_row is None else batch.donor_row.cpu(),
                 "loss_local": out.loss.item(),
             },
             case_dir / f"batch-rank{rank}.pt",

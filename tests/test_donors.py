@@ -129,6 +129,26 @@ def test_pipelines_swap_with_stream_donors_never_of_a_batch_identity(corpus, kin
             assert not bool(torch.isin(bank.identity[idx], b.identity).any())
 
 
+@pytest.mark.parametrize("kind", ["torch", "dali", "torchvision"])
+def test_pipelines_name_in_batch_donor_rows_for_the_loss(corpus, kind):
+    """donors=batch: each swapped positive names the batch row it was pasted onto (another identity, an
+    unswapped anchor-half row or positive-half source); stream donors are not columns: -1 everywhere."""
+    from pretrain.pipelines import make_batch_pipeline
+
+    for donors, in_batch in (("batch", True), ("stream", False)):
+        cfg = _cfg(corpus, "faceswap.p=1.0", f"data.pipeline={kind}", f"faceswap.donors={donors}")
+        for b in _take(make_batch_pipeline(cfg, 0, 1, "cpu"), 2):
+            half = b.images.shape[0] // 2
+            assert b.donor_row is not None and b.donor_row.shape == b.swapped.shape
+            assert bool((b.donor_row[:half] == -1).all())  # anchors are never swapped
+            rows = b.donor_row[half:]
+            if not in_batch:
+                assert bool((rows == -1).all()), (donors, rows)
+                continue
+            assert bool((rows >= 0).all()) and bool(b.swapped[half:].all())
+            assert bool((b.identity[rows] != b.identity[half:]).all())  # a donor of another identity
+
+
 def test_batch_identities_are_never_drawn():
     from pretrain.faceswap import draw_donors
 

@@ -112,7 +112,9 @@ def _cfg(url: str, run_dir: Path, *extra: str):
 def test_ds_config_and_lr_schedule(tmp_path):
     from pretrain.config import PretrainConfig
 
-    cfg = load_config(PretrainConfig, SMOKE, ["zero_stage=2", "optim.grad_clip=1.0", "precision=bf16"])
+    cfg = load_config(
+        PretrainConfig, SMOKE, ["zero_stage=2", "optim.grad_clip=1.0", "precision=bf16_weights"]
+    )
     ds = build_ds_config(cfg, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_clips
     assert ds["train_batch_size"] == 2 * cfg.data.batch_clips and ds["gradient_accumulation_steps"] == 1
@@ -150,7 +152,7 @@ def test_config_errors_name_the_key_and_paper_configs_load():
         for gpus in (1, 4, 8):
             cfg = load_config(PretrainConfig, REPO / f"launch/configs/{name}.yaml")
             assert resolve_global_batch(cfg, gpus).data.batch_clips * rows * gpus == 512
-        assert cfg.model.arch == "resnet50" and cfg.augment.crop == 112 and cfg.precision == "bf16"
+        assert cfg.model.arch == "resnet50" and cfg.augment.crop == 112 and cfg.precision == "bf16_weights"
         assert cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.weight_decay == pytest.approx(1e-4)
         assert cfg.loss.temperature == pytest.approx(0.07) and cfg.model.channels_last
     assert load_config(PretrainConfig, REPO / "launch/configs/sslfer.yaml").loss.fn_lambda == pytest.approx(
@@ -211,7 +213,7 @@ def test_cpu_and_device_decode_paths_agree(clips_url, tmp_path):
 
 def _reference(case_dir: Path, cfg):
     """Loss and gradients of one process on the concatenated batch of both ranks."""
-    from pretrain.loss import info_nce
+    from pretrain.loss import donor_linked_groups, info_nce
     from pretrain.model import ContrastiveEncoder
 
     result = torch.load(case_dir / "result.pt", weights_only=False)
@@ -222,12 +224,17 @@ def _reference(case_dir: Path, cfg):
     positives = torch.cat([p["positive_index"] + r * n for r, p in enumerate(parts)])
     groups = torch.cat([p["group_id"] * world + r for r, p in enumerate(parts)])
     descriptors = None if parts[0]["descriptors"] is None else torch.cat([p["descriptors"] for p in parts])
+    drop = None
+    if cfg.loss.drop_donor_columns:  # each rank's in-batch donors, as global group ids
+        linked = [donor_linked_groups(p["positive_index"], p["group_id"], p["donor_row"]) for p in parts]
+        drop = torch.cat([torch.where(g >= 0, g * world + r, g) for r, g in enumerate(linked)])
+        assert int((drop >= 0).sum()) >= n, drop  # p=1: the pairs of a batch with 2 identities all linked
     model = ContrastiveEncoder(cfg.model)
     model.load_state_dict(result["init"])
     model.eval()  # = freeze_bn_stats: BatchNorm on running statistics (no dropout in the model)
     out = info_nce(
         model(images), positives, cfg.loss.temperature, fn_descriptors=descriptors, fn_lambda=cfg.loss.fn_lambda,
-        fn_mode=cfg.loss.fn_mode, fn_threshold=cfg.loss.fn_threshold, group_id=groups,
+        fn_mode=cfg.loss.fn_mode, fn_threshold=cfg.loss.fn_threshold, group_id=groups, drop_group=drop,
     )  # fmt: skip
     out.loss.backward()
     return result, out.loss.item(), {k: p.grad for k, p in model.named_parameters()}

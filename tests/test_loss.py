@@ -239,3 +239,81 @@ def test_cnn_descriptor_loads_user_weights(tmp_path):
     d = model(images, lms)
     assert d.shape == (2, 1024) and torch.isfinite(d).all()
     assert torch.allclose(model(images, lms), d)  # frozen, deterministic
+
+
+def test_cnn_descriptor_takes_a_pretraining_backbone(tmp_path):
+    """A run's backbone.pt (here a width-8 ResNet-18) is a descriptor network too: its own feature size, the
+    eye and mouth crops through exactly that backbone; anything else is one clear error."""
+    from torchvision.ops import roi_align
+
+    from pretrain.descriptors import (
+        EYE_REGION,
+        MEAN_SHAPE,
+        MOUTH,
+        CNNDescriptor,
+        DescriptorError,
+        _region_boxes,
+    )
+    from pretrain.model import ModelConfig, build_backbone, load_backbone, save_backbone
+
+    torch.manual_seed(0)
+    path = save_backbone(build_backbone(ModelConfig(arch="resnet18", width=8)), tmp_path / "backbone.pt")
+    model = CNNDescriptor(path, crop_size=32)
+    images = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
+    lms = (MEAN_SHAPE * 40 + 32).expand(3, 68, 2)
+    d = model(images, lms)
+    backbone = load_backbone(path)
+    x = (images.float() / 255 - model.mean) / model.std
+    index = torch.arange(3, dtype=torch.float32)[:, None]
+    expected = [
+        backbone(roi_align(x, torch.cat([index, _region_boxes(lms, pts, 0.25)], 1), 32, aligned=True))
+        for pts in (EYE_REGION, MOUTH)
+    ]
+    assert d.shape == (3, 2 * expected[0].shape[1]) and torch.allclose(d, torch.cat(expected, 1), atol=1e-6)
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(DescriptorError, match="neither a torchvision resnet18"):
+        CNNDescriptor(tmp_path / "other.pt")
+
+
+def _donor_reference(z, positive, groups, donor_row, tau):
+    """Per row, the logits list without the donor clip's rows for both rows of each swapped pair."""
+    zn = F.normalize(z.double(), dim=1)
+    n = z.shape[0]
+    dropped = {i: set() for i in range(n)}
+    for i in range(n):
+        if int(donor_row[i]) >= 0:
+            donor_group = int(groups[int(donor_row[i])])
+            clip_rows = {k for k in range(n) if int(groups[k]) == donor_group}
+            dropped[i] |= clip_rows
+            dropped[int(positive[i])] |= clip_rows
+    total = []
+    for i in range(n):
+        j = int(positive[i])
+        negs = [k for k in range(n) if k not in (i, j) and k not in dropped[i]]
+        logits = [float(zn[i] @ zn[j]) / tau] + [float(zn[i] @ zn[k]) / tau for k in negs]
+        total.append(-logits[0] + math.log(sum(math.exp(v) for v in logits)))
+    return sum(total) / n
+
+
+def test_drop_donor_columns_matches_loop_reference():
+    """sslfer layout, 3 clips (12 rows): P of clip 0 swapped onto a frame of clip 2, NP of clip 1 onto clip 0."""
+    from pretrain.loss import donor_linked_groups
+
+    torch.manual_seed(0)
+    positive, groups = batch_layout(3, "sslfer")
+    z = torch.randn(12, 5, requires_grad=True)
+    donor_row = torch.full((12,), -1)
+    donor_row[6], donor_row[10] = 2, 0  # P0 (row 6) <- row 2 (A2); NP1 (row 10) <- row 0 (A0)
+    linked = donor_linked_groups(positive, groups, donor_row)
+    assert linked.tolist() == [2, -1, -1, -1, 0, -1, 2, -1, -1, -1, 0, -1]  # A0/P0 -> clip 2, NA1/NP1 -> 0
+    cfg = LossConfig(temperature=0.1, drop_donor_columns=True)
+    out = DistributedInfoNCE(cfg)(z, positive, groups, None, donor_row)
+    assert out.loss.item() == pytest.approx(_donor_reference(z, positive, groups, donor_row, 0.1), rel=1e-6)
+    # 4 rows lose the 4 rows of one clip each: 12 rows x 10 negatives - 16
+    assert out.negatives_per_row.item() == pytest.approx((12 * 10 - 16) / 12)
+    plain = DistributedInfoNCE(LossConfig(temperature=0.1))(z, positive, groups, None, donor_row)
+    assert plain.negatives_per_row.item() == 10.0 and plain.loss.item() != pytest.approx(out.loss.item())
+    none_linked = DistributedInfoNCE(cfg)(z, positive, groups, None, torch.full((12,), -1))
+    assert none_linked.loss.item() == pytest.approx(plain.loss.item(), rel=1e-7)  # no in-batch donor: no-op
+    with pytest.raises(ValueError, match="group_id"):
+        info_nce(z, positive, 0.1, drop_group=linked)

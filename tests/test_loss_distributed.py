@@ -51,6 +51,10 @@ def test_two_ranks_match_single_process(tmp_path, launcher):
             assert case["grad_norm"] > 1e-3, name  # the check is not vacuous
             assert case["loss_diff"] < 1e-5, (name, case)
             assert case["grad_diff"] < 1e-5, (name, case)
+        # in-batch donors dropped: 24 rows, 22 columns each minus the pick; 8 rows lose a donor clip's 4 rows
+        assert result["cases"]["sslfer_pick_drop_donors"]["negatives_per_row"] == pytest.approx(
+            (24 * 21 - 8 * 4) / 24
+        )
 
 
 def test_collectives_without_a_process_group_are_the_identity():

@@ -78,6 +78,9 @@ class Batch:
     index: int  # batch number within the epoch
     wait_s: float = 0.0  # time the training thread waited for the background threads
     ready: Any = None  # CUDA event of the worker stream that finished the batch (data.finish_in=workers)
+    # (N,) long: the row of this batch whose frame was each swapped row's donor; -1 where the row was not swapped
+    # or its donor came from outside the batch (stream, bank). None: no FaceSwap.
+    donor_row: torch.Tensor | None = None
 
 
 class BatchPipeline(ABC):

@@ -104,6 +104,7 @@ class BatchedPipeline(ClipBatchPipeline):
         gen.manual_seed(device_seed(self.cfg.seed, host.epoch, self.rank, host.index))
 
         swapped = torch.zeros(n, dtype=torch.bool, device=device)
+        donor_row = None
         view_landmarks = landmarks
         positives, positive_landmarks = images[half:], landmarks[half:]
         if self.swap is not None:
@@ -123,6 +124,9 @@ class BatchedPipeline(ClipBatchPipeline):
             )  # fmt: skip
             positives, positive_landmarks = result.images, result.landmarks
             swapped[half:] = result.swapped
+            donor_row = torch.full((n,), -1, dtype=torch.long, device=device)
+            if bank is None:  # the donors were rows of this batch (before swapping)
+                donor_row[half:] = result.donor_index
             view_landmarks = torch.cat([landmarks[:half], positive_landmarks])
         views = self.views(images[:half], view_landmarks[:half], positives, positive_landmarks, gen)
         if self.cfg.augment.channels_last:
@@ -138,6 +142,7 @@ class BatchedPipeline(ClipBatchPipeline):
             identity=identity,
             descriptors=descriptors,
             swapped=swapped,
+            donor_row=donor_row,
             clips=self.data.batch_clips,
             epoch=host.epoch,
             index=host.index,
@@ -167,7 +172,7 @@ class BatchedPipeline(ClipBatchPipeline):
             return
         current = torch.cuda.current_stream(self.device)
         current.wait_event(batch.ready)
-        for tensor in (batch.images, batch.identity, batch.descriptors, batch.swapped):
+        for tensor in (batch.images, batch.identity, batch.descriptors, batch.swapped, batch.donor_row):
             if tensor is not None:
                 tensor.record_stream(current)
         batch.ready = None

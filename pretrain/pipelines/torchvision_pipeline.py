@@ -140,8 +140,10 @@ class _GroupToBatch(torch.utils.data.Dataset):
         row_identity = np.tile(identity, self.rows_per_clip)
         sources = [np.asarray(im) for im in pil]  # unswapped uint8 frames (descriptors, donors)
         swapped = np.zeros(n, dtype=bool)
+        donor_row = np.full(n, -1, dtype=np.int64)  # stays -1 for donors from outside the batch
         faces, face_landmarks = list(pil), list(landmarks)
         if self.swap_cfg is not None:
+            in_batch = stream_donors is None and self.bank is None
             pool_images, pool_landmarks, pool_identity = (
                 stream_donors
                 if stream_donors is not None
@@ -162,6 +164,8 @@ class _GroupToBatch(torch.utils.data.Dataset):
                 faces[i] = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
                 face_landmarks[i] = out_lm.astype(np.float32)
                 swapped[i] = True
+                if in_batch:
+                    donor_row[i] = d
         views = torch.stack(
             [
                 self.views(faces[i], face_landmarks[i], "first" if i < half else "second", rng)
@@ -174,6 +178,7 @@ class _GroupToBatch(torch.utils.data.Dataset):
             "landmarks": torch.from_numpy(np.stack(landmarks)),
             "identity": torch.from_numpy(row_identity).long(),
             "swapped": torch.from_numpy(swapped),
+            "donor_row": torch.from_numpy(donor_row) if self.swap_cfg is not None else None,
             "epoch": group.epoch,
             "index": group.index,
             "skips": dict(skips),
@@ -242,6 +247,7 @@ class TorchvisionBatchPipeline(ClipBatchPipeline):
             identity=item["identity"].to(device),
             descriptors=descriptors,
             swapped=item["swapped"].to(device),
+            donor_row=item["donor_row"].to(device) if item["donor_row"] is not None else None,
             clips=self.data.batch_clips,
             epoch=int(item["epoch"]),
             index=int(item["index"]),
