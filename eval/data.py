@@ -1,7 +1,8 @@
 """Labelled ``frames`` datasets for evaluation, and the splits the probes use.
 
-A dataset is read whole into memory (eval sets are thousands of faces, not millions): JPEG bytes plus label
-arrays. Reading goes through ``data_shards.read`` (local folders and ``s3://``); the reader is injectable so
+Frames are read one at a time (:func:`iter_frames`): streamed into features in bounded memory
+(``eval/stream.py``), or gathered whole into memory (:func:`load_frames`, for fine-tuning, which needs the
+pixels). Reading goes through ``data_shards.read`` (local folders and ``s3://``); the reader is injectable so
 tests and tools can pass their own.
 
 Splits (all seeded, so every seed gives a different but reproducible split):
@@ -19,7 +20,7 @@ Splits (all seeded, so every seed gives a different but reproducible split):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,61 +139,121 @@ def usable_jpeg(data: Any) -> str | None:
     return None
 
 
+@dataclass
+class FrameRow:
+    """The labels of one usable frame (what :func:`iter_frames` yields beside its JPEG bytes)."""
+
+    key: str
+    expression: int
+    valence: float
+    arousal: float
+    identity: str
+    split: str
+    clip: str
+
+
+def iter_frames(
+    url: str,
+    manifest: dict[str, Any],
+    iter_samples: Reader | None = None,
+    max_samples: int | None = None,
+    skipped: Callable[..., None] | None = None,
+) -> Iterator[tuple[FrameRow, bytes]]:
+    """Every usable frame of a ``frames`` dataset, shards in manifest order, one at a time: bounded memory.
+
+    What cannot be used is left out and counted by ``skipped(reason, message)`` (``not_a_frame``,
+    ``corrupt_jpeg``); the dataset is still evaluated."""
+    _, default_iter, join = default_io()
+    iter_samples = iter_samples or default_iter
+    skipped = skipped or (lambda reason, message: None)
+    count = 0
+    for shard in manifest["shards"]:
+        for sample in iter_samples(join(url, shard["name"])):
+            meta = sample["meta"]
+            if "jpeg" not in sample:
+                skipped("not_a_frame", f"{url} sample {sample.get('key')}: a clip in a frames dataset")
+                continue
+            problem = usable_jpeg(sample["jpeg"])
+            if problem is not None:  # one bad image is left out and counted; the dataset is still evaluated
+                skipped("corrupt_jpeg", f"{url} sample {sample.get('key')}: {problem}")
+                continue
+            identity = meta.get("identity_id")
+            clip_id = meta.get("clip_id")
+            row = FrameRow(
+                key=sample["key"],
+                expression=_expression_or_unknown(meta.get("expression")),
+                valence=_float_or_nan(meta.get("valence")),
+                arousal=_float_or_nan(meta.get("arousal")),
+                identity=str(identity)
+                if isinstance(identity, str | int) and not isinstance(identity, bool)
+                else "",
+                split=meta.get("split") or manifest.get("split") or "",
+                clip=str(clip_id) if isinstance(clip_id, str | int) and clip_id != "" else sample["key"],
+            )
+            yield row, sample["jpeg"]
+            count += 1
+            if max_samples and count >= max_samples:
+                return
+
+
+class LabelColumns:
+    """Accumulates :class:`FrameRow` values into the label arrays of :class:`FramesLabels`."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self._rows: list[FrameRow] = []
+
+    def add(self, row: FrameRow) -> None:
+        self.keys.append(row.key)
+        self._rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        rows = self._rows
+        return {
+            "expression": np.asarray([r.expression for r in rows], dtype=np.int64),
+            "valence": np.asarray([r.valence for r in rows], dtype=np.float32),
+            "arousal": np.asarray([r.arousal for r in rows], dtype=np.float32),
+            "identity": np.asarray([r.identity for r in rows], dtype=object),
+            "split": np.asarray([r.split for r in rows], dtype=object),
+            "clip": np.asarray([r.clip for r in rows], dtype=object),
+        }
+
+    def labels(self, name: str) -> FramesLabels:
+        return FramesLabels(name=name, **self.arrays())
+
+
+def no_samples(url: str) -> ConfigError:
+    return ConfigError(f"--data '{url}': the dataset has no samples")
+
+
 def load_frames(
     url: str,
     read_manifest: Callable[[str], dict] | None = None,
     iter_samples: Reader | None = None,
     max_samples: int | None = None,
 ) -> FramesData:
-    """Read every sample of a ``frames`` dataset (shards in manifest order)."""
-    default_manifest, default_iter, join = default_io()
-    manifest = check_dataset(url, read_manifest or default_manifest)
-    iter_samples = iter_samples or default_iter
-    keys, jpegs, expr, val, aro, ident, split, clip = [], [], [], [], [], [], [], []
-    samples: Iterable[dict[str, Any]] = (
-        sample for shard in manifest["shards"] for sample in iter_samples(join(url, shard["name"]))
-    )
+    """Read every usable sample of a ``frames`` dataset into memory (shards in manifest order)."""
     from data_shards.read import SkipCounter
 
+    manifest = check_dataset(url, read_manifest or default_io()[0])
     skipped = SkipCounter()
-    for sample in samples:
-        meta = sample["meta"]
-        if "jpeg" not in sample:
-            skipped("not_a_frame", f"{url} sample {sample.get('key')}: a clip in a frames dataset")
-            continue
-        problem = usable_jpeg(sample["jpeg"])
-        if problem is not None:  # one bad image is left out and counted; the dataset is still evaluated
-            skipped("corrupt_jpeg", f"{url} sample {sample.get('key')}: {problem}")
-            continue
-        keys.append(sample["key"])
-        jpegs.append(sample["jpeg"])
-        expr.append(_expression_or_unknown(meta.get("expression")))
-        val.append(_float_or_nan(meta.get("valence")))
-        aro.append(_float_or_nan(meta.get("arousal")))
-        identity = meta.get("identity_id")
-        ident.append(
-            str(identity) if isinstance(identity, str | int) and not isinstance(identity, bool) else ""
-        )
-        split.append(meta.get("split") or manifest.get("split") or "")
-        clip_id = meta.get("clip_id")
-        clip.append(str(clip_id) if isinstance(clip_id, str | int) and clip_id != "" else sample["key"])
-        if max_samples and len(keys) >= max_samples:
-            break
-    if not keys:
-        raise ConfigError(f"--data '{url}': the dataset has no samples")
+    columns, jpegs = LabelColumns(), []
+    for row, jpeg in iter_frames(url, manifest, iter_samples, max_samples, skipped):
+        columns.add(row)
+        jpegs.append(jpeg)
+    if not columns:
+        raise no_samples(url)
     return FramesData(
         name=dataset_name(url),
         url=url,
-        keys=keys,
+        keys=columns.keys,
         jpegs=jpegs,
-        expression=np.asarray(expr, dtype=np.int64),
-        valence=np.asarray(val, dtype=np.float32),
-        arousal=np.asarray(aro, dtype=np.float32),
-        identity=np.asarray(ident, dtype=object),
-        split=np.asarray(split, dtype=object),
         manifest=manifest,
-        clip=np.asarray(clip, dtype=object),
         skipped=skipped.as_dict(),
+        **columns.arrays(),
     )
 
 

@@ -2,10 +2,15 @@
 
 Task graph (Ray object refs carry the data, so nothing is computed twice):
 
-    load(dataset)            one per dataset URL      -> FramesData (images + labels)
-    features(ckpt, dataset)  one per pair             -> float32 [N, D]  (GPU when requested)
+    features(ckpt, dataset)  one per pair             -> float32 [N, D] + labels  (GPU when requested)
     probe(task, seed)        one per cell and seed    -> metrics           (CPU; takes the features ref)
+    load(dataset)            one per dataset URL      -> FramesData (images + labels), for finetune only
     finetune(seed)           one per cell and seed    -> metrics           (GPU when requested; takes images)
+
+With ``stream`` (the default) a features task reads its dataset from the store itself, one chunk of
+``features.batch_size`` JPEGs at a time (``eval/stream.py``): memory grows with the N x D features, not with
+the images, and no object holds a dataset's JPEGs. ``stream=false`` is the earlier graph: one ``load`` task
+per dataset (every JPEG in one Ray object), shared by the features tasks of every checkpoint.
 
 Resource requests: ``ray.gpus_per_task`` = -1 (auto) asks for one GPU per feature/fine-tune task when the
 cluster has GPUs and none otherwise; every task asks for ``ray.cpus_per_task`` CPUs (fractional, so a
@@ -43,6 +48,7 @@ from eval.data import (
 from eval.features import FeatureConfig, extract_features
 from eval.finetune import FinetuneConfig, finetune
 from eval.probes import ProbeConfig, identity_leakage, knn_probe, linear_probe, va_regression
+from eval.stream import stream_features
 
 TASKS = ("expression", "va", "identity", "finetune")
 NUM_EXPRESSIONS = 8  # AffectNet-8 (data_shards.labels.EXPRESSIONS)
@@ -86,6 +92,9 @@ class EvalConfig:
     test_fraction: float = 0.3  # share of identities held out for the expression / V/A test sets
     max_samples: int | None = None  # per dataset, for smoke runs
     pushgateway: str = ""  # http://host:9091: push progress and metric means (eval/pushgateway.py)
+    # True: probe features streamed from the store per (checkpoint, dataset), at most features.batch_size
+    # JPEGs in memory; False: each dataset loaded whole into one Ray object first (read once per dataset)
+    stream: bool = True  # probe features streamed in bounded memory (eval/stream.py)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     probes: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -141,6 +150,12 @@ def load_task(url: str, max_samples: int | None) -> FramesData:
 
 def features_task(checkpoint: str, data: FramesData, cfg: FeatureConfig) -> np.ndarray:
     return extract_features(checkpoint, data.jpegs, cfg)
+
+
+def stream_task(checkpoint: str, url: str, cfg: FeatureConfig, max_samples: int | None):
+    """(features, labels) of one (checkpoint, dataset), streamed: two Ray objects, neither with images."""
+    out = stream_features(checkpoint, url, cfg, max_samples)
+    return out.features, out.labels
 
 
 def probe_task(task: str, features: np.ndarray, labels: FramesLabels, seed: int, cfg: EvalConfig) -> dict:
@@ -258,21 +273,36 @@ def _submit(cfg: EvalConfig, names: list[str], datasets: list[str]) -> tuple[lis
 
     load = ray.remote(load_task).options(**common, **cpu_req)
     feats = ray.remote(features_task).options(**common, **dev_req)
+    streamed = ray.remote(stream_task).options(**common, **dev_req, num_returns=2)
     probe = ray.remote(probe_task).options(**common, **probe_req)
     tune = ray.remote(finetune_task).options(**common, **dev_req)
     cfg_ref = ray.put(cfg)
 
-    data_refs = {url: load.remote(url, cfg.max_samples) for url in cfg.data}
-    label_refs = {
-        url: ray.remote(_labels_of).options(**common, **cpu_req).remote(data_refs[url]) for url in cfg.data
-    }
+    probe_tasks = [t for t in cfg.tasks if t != "finetune"]
+    in_memory = "finetune" in cfg.tasks or not cfg.stream  # fine-tuning needs the pixels
+    data_refs = {url: load.remote(url, cfg.max_samples) for url in cfg.data} if in_memory else {}
+    label_refs: dict[str, Any] = {}
+    if not cfg.stream:
+        label_refs = {
+            url: ray.remote(_labels_of).options(**common, **cpu_req).remote(data_refs[url])
+            for url in cfg.data
+        }
     feature_refs: dict[tuple[str, str], Any] = {}
     pending: list[_Pending] = []
     for ckpt, name in zip(cfg.checkpoints, names):
         for url, dname in zip(cfg.data, datasets):
-            probe_tasks = [t for t in cfg.tasks if t != "finetune"]
-            if probe_tasks:
+            feature_needs: list[tuple[str, Any, dict[str, float]]] = []
+            if probe_tasks and cfg.stream:
+                features, labels = streamed.remote(ckpt, url, cfg.features, cfg.max_samples)
+                feature_refs[(name, dname)] = features
+                label_refs.setdefault(url, labels)  # the same labels from every checkpoint's stream
+                feature_needs = [("features", features, _request(dev_req))]
+            elif probe_tasks:
                 feature_refs[(name, dname)] = feats.remote(ckpt, data_refs[url], cfg.features)
+                feature_needs = [
+                    ("load", data_refs[url], _request(cpu_req)),
+                    ("features", feature_refs[(name, dname)], _request(dev_req)),
+                ]
             for task in cfg.tasks:
                 for seed in range(cfg.seeds):
                     if task == "finetune":
@@ -280,11 +310,7 @@ def _submit(cfg: EvalConfig, names: list[str], datasets: list[str]) -> tuple[lis
                         needs, req = [("load", data_refs[url], _request(cpu_req))], dev_req
                     else:
                         ref = probe.remote(task, feature_refs[(name, dname)], label_refs[url], seed, cfg_ref)
-                        needs = [
-                            ("load", data_refs[url], _request(cpu_req)),
-                            ("features", feature_refs[(name, dname)], _request(dev_req)),
-                        ]
-                        req = probe_req
+                        needs, req = feature_needs, probe_req
                     pending.append(_Pending(ref, name, task, dname, seed, _request(req), needs))
     return pending, feature_refs, label_refs
 
