@@ -1,10 +1,10 @@
 """Peak memory and throughput of evaluation features: streamed (``eval/stream.py``) vs in memory, by dataset size.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_eval_stream.py [--sizes 10000,100000] [--out runs/bench_eval_stream]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_eval_stream.py [--synthface] [--sizes 10000,100000]
 
-Writes ``frames`` datasets of each size once: SynthFace eval frames (``--synthface``: ``python -m data_shards
-evalset --source synth``, 128 px) or toy frames (``eval.data.write_toy_frames``, ``--image-size`` px), then, each in a
-fresh process so that peak RSS (``ru_maxrss``) belongs to one path and one size only:
+Writes ``frames`` datasets of each size once: SynthFace eval frames (``--synthface``: ``python -m
+data_shards evalset --source synth``, 128 px) or toy frames (``eval.data.write_toy_frames``, ``--image-size``
+px), then measures, each in a fresh process so that peak RSS (``ru_maxrss``) is one path's at one size:
 * stream: ``stream_features`` (features + labels from the store, one chunk of JPEGs at a time);
 * in memory: ``load_frames`` (every JPEG in a list, as one Ray object holds it) + ``extract_features``.
 Prints peak RSS per path and size, the largest/smallest size ratio per path (goal for streaming: <= 1.3), and

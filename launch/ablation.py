@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{slug(variant)}-s{seed}"
             run_dir = out / name
             cmd = pretrain_cmd(variant, seed, run_dir, pre, args.steps, args.set)
-            commands.append(shlex.join(["deepspeed", *cmd[1:]]).replace(str(REPO) + "/", ""))
+            shown = [a for i, a in enumerate(cmd) if "--master_port" not in cmd[max(0, i - 1) : i + 1]]
+            commands.append(shlex.join(["deepspeed", *shown[1:]]).replace(str(REPO) + "/", ""))
             if not (run_dir / "backbone.pt").exists():
                 run(cmd, log=out / f"{name}.log")
             runs.setdefault(variant, []).append(name)

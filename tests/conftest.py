@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -47,12 +48,31 @@ def feat_data() -> Path:
 @pytest.fixture(scope="session")
 def clips_dir(tmp_path_factory) -> Path:
     """16 SynthFace clips (~25 frames, 64 px) in 4 shards: 8 steps per epoch on 1 rank, 4 on 2 ranks."""
-    from data_shards.synth import SynthConfig, iter_clips
-    from data_shards.write import ShardWriter
+    from tests.helpers import write_synth_clips
 
     url = tmp_path_factory.mktemp("faults-clips") / "synth"
-    cfg = SynthConfig(identities=8, clips_per_identity=2, seconds=6.0, size=64, seed=0)
-    with ShardWriter(str(url), kind="clips", split="pretrain", generator={"synth": True}, max_samples=4) as w:
-        for clip in iter_clips(cfg):
-            w.write_clip(clip)
+    write_synth_clips(url)
     return url
+
+
+@pytest.fixture(scope="session")
+def local_ray(request):
+    """One in-process Ray for the session, stopped at its end; no GPUs; loopback only, no telemetry."""
+    from common.ray_jobs import RAY_ENV
+
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            object_store_memory=200_000_000,
+            _node_ip_address="127.0.0.1",
+            logging_level="WARNING",
+        )
+        request.session.addfinalizer(ray.shutdown)
+    return ray

@@ -1,4 +1,5 @@
-"""What the tests that start real training runs share: a tiny model/data setting and the launcher environment."""
+"""What the tests that start real training runs share: a tiny model/data setting, a small SynthFace clip set
+and the launcher environment."""
 
 from __future__ import annotations
 
@@ -42,3 +43,16 @@ def launcher_env(**extra: str) -> dict[str, str]:
         del env[key]
     env.update(extra)
     return env
+
+
+def write_synth_clips(url: Path | str) -> str:
+    """16 SynthFace clips (8 identities, 6 s, 64 px, ~25 frames) in 4 shards at ``url``: 8 steps per epoch on
+    1 rank, 4 on 2 ranks."""
+    from data_shards.synth import SynthConfig, iter_clips
+    from data_shards.write import ShardWriter
+
+    cfg = SynthConfig(identities=8, clips_per_identity=2, seconds=6.0, size=64, seed=0)
+    with ShardWriter(str(url), kind="clips", split="pretrain", generator={"synth": True}, max_samples=4) as w:
+        for clip in iter_clips(cfg):
+            w.write_clip(clip)
+    return str(url)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from common.configio import load_config
-from tests.helpers import TINY_OVERRIDES, launcher_env
-from tests.test_precision import REPO, SMOKE, model_states, train, write_clips
+from tests.helpers import TINY_OVERRIDES, launcher_env, write_synth_clips
+from tests.test_precision import REPO, SMOKE, model_states, train
 
 LOSS_REL_TOL = 1e-4  # measured <= 2.6e-6
 GRAD_REL_TOL = 1e-3  # |g_compiled - g_eager| / |g_eager|, measured <= 1.9e-5
@@ -26,7 +26,7 @@ GRAD_REL_TOL = 1e-3  # |g_compiled - g_eager| / |g_eager|, measured <= 1.9e-5
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> str:
-    return write_clips(tmp_path_factory.mktemp("clips") / "synth")
+    return write_synth_clips(tmp_path_factory.mktemp("clips") / "synth")
 
 
 def _cfg(clips: str, *extra: str):

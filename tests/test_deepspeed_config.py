@@ -20,7 +20,7 @@ from common.configio import load_config
 from common.errors import ConfigError
 from pretrain.distributed import free_port
 from pretrain.ds_config import build_ds_config, merge_user_config, save_resolved
-from tests.helpers import TINY_OVERRIDES, launcher_env
+from tests.helpers import TINY_OVERRIDES, launcher_env, write_synth_clips
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -158,17 +158,6 @@ def test_cli_unreadable_json_is_one_clear_error(tmp_path):
 # ---------------------------------------------------------------------------------------------- real launch
 
 
-def _write_clips(url: Path) -> str:
-    from data_shards.synth import SynthConfig, iter_clips
-    from data_shards.write import ShardWriter
-
-    cfg = SynthConfig(identities=8, clips_per_identity=2, seconds=6.0, size=64, seed=0)
-    with ShardWriter(str(url), kind="clips", split="pretrain", generator={"synth": True}, max_samples=4) as w:
-        for clip in iter_clips(cfg):
-            w.write_clip(clip)
-    return str(url)
-
-
 def _csv(path: Path) -> list[tuple[int, float]]:
     with open(path) as f:
         rows = list(csv.reader(f))
@@ -178,7 +167,7 @@ def _csv(path: Path) -> list[tuple[int, float]]:
 
 @pytest.mark.integration
 def test_deepspeed_launch_with_csv_monitor_records_the_loss_per_step(tmp_path):
-    data = _write_clips(tmp_path / "clips")
+    data = write_synth_clips(tmp_path / "clips")
     run_dir = tmp_path / "run"
     monitor_dir = tmp_path / "monitor"
     ds = tmp_path / "ds.json"

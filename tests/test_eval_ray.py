@@ -44,25 +44,6 @@ def inputs(tmp_path_factory):
     return root, ckpts, data
 
 
-@pytest.fixture(scope="module")
-def local_ray(request):
-    """One in-process Ray for the session (reused if another test module started it); no GPUs."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=2,
-            num_gpus=0,
-            include_dashboard=False,
-            object_store_memory=200_000_000,
-            _node_ip_address="127.0.0.1",
-            logging_level="WARNING",
-        )
-        request.session.addfinalizer(ray.shutdown)
-    return ray
-
-
 def _check_cells(out_dir, ckpt_names, dataset, tasks, seeds):
     doc = json.loads((out_dir / "results.json").read_text())
     assert doc["schema_version"] == 1 and doc["seeds"] == list(range(seeds))

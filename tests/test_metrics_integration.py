@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from launch.services import PrometheusServer
-from tests.helpers import TINY_OVERRIDES, launcher_env
+from tests.helpers import TINY_OVERRIDES, launcher_env, write_synth_clips
 
 # A missing Prometheus/Pushgateway binary fails loudly (ServiceError naming `make setup`), never skips.
 pytestmark = [pytest.mark.integration]
@@ -33,18 +33,6 @@ SMOKE = "launch/configs/smoke.yaml"
 TINY = TINY_OVERRIDES
 WINDOW_S = 12
 TRAIN_S = 20
-
-
-def write_clips(url: Path) -> str:
-    """16 SynthFace clips (8 identities, 64 px, ~25 frames) in 4 shards."""
-    from data_shards.synth import SynthConfig, iter_clips
-    from data_shards.write import ShardWriter
-
-    cfg = SynthConfig(identities=8, clips_per_identity=2, seconds=6.0, size=64, seed=0)
-    with ShardWriter(str(url), kind="clips", split="pretrain", generator={"synth": True}, max_samples=4) as w:
-        for clip in iter_clips(cfg):
-            w.write_clip(clip)
-    return str(url)
 
 
 def query_at(prom: PrometheusServer, promql: str, at: float) -> list[dict]:
@@ -84,7 +72,7 @@ def stop_run(proc: subprocess.Popen) -> None:
 
 
 def test_prometheus_rate_agrees_with_trainer_log(tmp_path):
-    data = write_clips(tmp_path / "clips")
+    data = write_synth_clips(tmp_path / "clips")
     run = "promrate"
     run_dir = tmp_path / "runs" / run
     with PrometheusServer(tmp_path / "prom", scrape_interval_s=1) as prom:

@@ -34,7 +34,7 @@ from common.configio import load_config  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from pretrain.distributed import free_port  # noqa: E402
 from pretrain.ds_config import build_ds_config, merge_user_config  # noqa: E402
-from tests.helpers import TINY_OVERRIDES, launcher_env  # noqa: E402
+from tests.helpers import TINY_OVERRIDES, launcher_env, write_synth_clips  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -50,21 +50,9 @@ def _cfg(*overrides: str):
     return load_config(PretrainConfig, SMOKE, list(overrides))
 
 
-def write_clips(url: Path) -> str:
-    """16 SynthFace clips of 6 s at 64 px in 4 shards (2 per rank) at ``url``."""
-    from data_shards.synth import SynthConfig, iter_clips
-    from data_shards.write import ShardWriter
-
-    cfg = SynthConfig(identities=8, clips_per_identity=2, seconds=6.0, size=64, seed=0)
-    with ShardWriter(str(url), kind="clips", split="pretrain", generator={"synth": True}, max_samples=4) as w:
-        for clip in iter_clips(cfg):
-            w.write_clip(clip)
-    return str(url)
-
-
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> str:
-    return write_clips(tmp_path_factory.mktemp("clips") / "synth")
+    return write_synth_clips(tmp_path_factory.mktemp("clips") / "synth")
 
 
 def launch(args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:

@@ -23,8 +23,8 @@ import psutil
 import pytest
 
 from tests.helpers import TINY_OVERRIDES as TINY
-from tests.helpers import launcher_env
-from tests.test_metrics_integration import SMOKE, write_clips
+from tests.helpers import launcher_env, write_synth_clips
+from tests.test_metrics_integration import SMOKE
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -115,7 +115,7 @@ def test_node_killed_mid_run_resumes_exactly(tmp_path, s3_env, monkeypatch):
     for key, value in launcher_env(SSLFER_INJECT_STEP_DELAY_S="0.5").items():
         if key != "PYTHONPATH":
             monkeypatch.setenv(key, value)
-    data = write_clips(tmp_path / "clips")
+    data = write_synth_clips(tmp_path / "clips")
     nodes: list[RayNode] = []
     proc = None
     with RayHead(tmp_path / "head", num_cpus=1, system_config=FAST_NODE_DEATH) as head:

@@ -20,7 +20,8 @@ from common.errors import ConfigError
 from launch.services import PrometheusServer
 from tests.helpers import TINY_OVERRIDES as TINY
 from tests.helpers import launcher_env as run_env
-from tests.test_metrics_integration import SMOKE, write_clips
+from tests.helpers import write_synth_clips
+from tests.test_metrics_integration import SMOKE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def test_ray_job_trains_checkpoints_and_is_scraped(tmp_path, monkeypatch):
     for key, value in run_env().items():
         if key != "PYTHONPATH":
             monkeypatch.setenv(key, value)
-    data = write_clips(tmp_path / "clips")
+    data = write_synth_clips(tmp_path / "clips")
     run = "raysmoke"
     run_dir = tmp_path / "runs" / run
     with (
