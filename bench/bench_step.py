@@ -2,7 +2,7 @@
 
 One run, same cores, same model / global batch / loss (all-gathered InfoNCE + MaskFN) / optimizer, per size:
   (a) ceiling:  2 CPU ranks, the project's DeepSpeed engine on images already in memory (communication
-                included, no input pipeline);
+                included, no input pipeline; the trainer's glibc heap setting, data.keep_freed_memory);
   (b) trainer:  `deepspeed --num_gpus 2 launch/pretrain.py` on a SynthFace corpus (images/s: median of the
                 run's metrics.jsonl windows, the start-up window left out, as bench/data_wait.py does);
   (c) original: the released code's style - one process, plain torch (no DeepSpeed), a DataLoader whose
@@ -148,6 +148,10 @@ def ceiling_worker(args) -> None:
     distributed.init_distributed("gloo")
     rank, world = distributed.get_rank(), distributed.get_world_size()
     cfg = resolve_global_batch(load_cfg(json.loads(args.overrides)), world)
+    if cfg.data.keep_freed_memory:  # as the trainer's CPU pipeline sets it: the same heap for the same step
+        from pretrain.allocator import keep_freed_memory
+
+        keep_freed_memory()
     clips, crop = cfg.data.batch_clips, cfg.augment.crop
     gen = torch.Generator().manual_seed(rank)
     n = 4 * clips

@@ -8,7 +8,8 @@
 # part is named and the session runs without DALI.
 # Parts, each logged on its own and run even if an earlier one failed:
 #   1. bench/gpu_check.py: nvJPEG decode, augmentation and FaceSwap as device ops, loss on CUDA vs fp64 CPU,
-#      NCCL all-gather with gradient, bf16 + channels_last ResNet-50 steps;
+#      NCCL all-gather with gradient, bf16 + channels_last ResNet-50 steps; bench/bench_compile_input.py:
+#      the input ops eager vs compiled (static and dynamic shapes) on the GPU;
 #   2. bench/bench_input.py --device cuda: FaceSwap and views with static vs dynamic shapes (data.shapes), and
 #      the full input path's views/s on one GPU (torch path, and DALI's mixed/nvJPEG pipeline when DALI is
 #      installed) against the torchvision DataLoader baseline (same cores, same
@@ -71,6 +72,8 @@ part() {  # part NAME CMD...: run, log to $OUT/NAME.log, remember a failure, go 
 
 if [ "$DEVICE" = cuda ]; then
   part gpu_check $PY bench/gpu_check.py --out "$OUT/gpu_check.md"
+  # Does inductor pay for the input ops on a GPU? (On one CPU core it did not: BENCHMARKS.md.)
+  part compile_input $PY bench/bench_compile_input.py --device cuda --batch 256
 fi
 part bench_input $PY bench/bench_input.py --parts shapes full --device "$DEVICE" --threads "$THREADS" \
   --clips "$CLIPS" --full-batches 20 --no-extras

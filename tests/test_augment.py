@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from common.configio import from_dict
@@ -198,7 +199,10 @@ def test_decode_batches_and_reports_corrupt_jpegs(faces):
     out = decode_jpegs(jpegs)
     assert out.shape == (4, 3, 128, 128) and out.dtype == torch.uint8
     assert (out.float() - images[:4].float()).abs().mean() < 3  # JPEG loss only
-    assert decode_jpegs(jpegs, size=64).shape == (4, 3, 64, 64)
+    small = decode_jpegs(jpegs, size=64)  # uint8 antialiased resize: within a grey level of the float one
+    assert small.shape == (4, 3, 64, 64) and small.dtype == torch.uint8
+    via_float = F.interpolate(out.float(), size=(64, 64), mode="bilinear", antialias=True).round()
+    assert (small.float() - via_float).abs().max() <= 1
     broken = jpegs[:2] + [b"not a jpeg at all"] + jpegs[2:]
     with pytest.raises(CorruptImage) as err:
         decode_jpegs(broken)

@@ -83,6 +83,8 @@ def test_gpu_session_script_runs_every_part_on_cpu(tmp_path):
 
 
 # ---------------------------------------------------------------- bench/bench_step.py, bench/bench_zero.py
+import bench_compile_input  # noqa: E402
+import bench_input_budget  # noqa: E402
 import bench_step  # noqa: E402
 import bench_zero  # noqa: E402
 
@@ -201,3 +203,18 @@ def test_dali_wheel_parts_round_trip_and_name_a_missing_or_bad_part(tmp_path):
     proc = _dali(tmp_path, "join", str(tmp_path / "out4"))
     assert proc.returncode == 3 and "SHA256SUMS missing" in proc.stderr
     assert _dali(tmp_path, "split", str(tmp_path / "nope.whl")).returncode == 2
+
+
+def test_bench_compile_input_sizes_parse_and_refuse_a_crop_larger_than_its_frame():
+    assert bench_compile_input.parse_sizes("72:64,128:112") == [(72, 64), (128, 112)]
+    for bad in ("72", "64:72", "a:b", "72:0"):
+        with pytest.raises(SystemExit, match="FRAME:CROP"):
+            bench_compile_input.parse_sizes(bad)
+
+
+def test_input_budget_table_sums_the_stages_and_bounds_the_step():
+    seconds = {"read": 0.2, "decode": 0.1, "faceswap": 0.3, "views": 0.2, "rest": 0.2}  # 1 s for 1000 images
+    table = bench_input_budget.budget_table(seconds, 1000, ceiling=1000.0, cores=2)
+    assert "| faceswap | 0.300 | 30% |" in table and "| host | 0.000 | 0% |" in table
+    assert "**1.000**" in table
+    assert "2.000 ms" in table and "at most 0.67 of the ceiling" in table  # c = 2 ms, i = 1 ms: 2 / 3
