@@ -209,3 +209,21 @@ def test_decode_batches_and_reports_corrupt_jpegs(faces):
     assert err.value.index == 2
     good, bad = decode_jpegs_skipping(broken)
     assert bad == [2] and torch.equal(good, out)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_pair_is_two_calls_in_one_pass(faces, static):
+    """ViewAugmenter.pair (the torch pipeline's views): the same draws and values as the "first" family on the
+    anchors then the "second" on the positives, for uint8 positives and for float ones (after FaceSwap)."""
+    images, landmarks = faces
+    aug = ViewAugmenter(AugmentConfig(mask_p=0.5, blur_p=0.5, gray_p=0.5), static=static)
+    anchors, positives = images[:4], images[4:8]
+    for second in (positives, positives.float() / 255.0):
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        first = aug(anchors, landmarks[:4], "first", g1)
+        two_calls = torch.cat([first, aug(second, landmarks[4:8], "second", g1)])
+        one_pass = aug.pair(anchors, landmarks[:4], second, landmarks[4:8], g2)
+        assert torch.equal(one_pass, two_calls)  # bit for bit: every pixel op is per row
+        assert torch.equal(g1.get_state(), g2.get_state())  # the generator is left where two calls leave it
+    with pytest.raises(ValueError, match="pair"):
+        aug.pair(anchors, landmarks[:4], images[4:8, :, :64, :64], landmarks[4:8], g2)

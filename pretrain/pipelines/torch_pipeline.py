@@ -64,6 +64,4 @@ class TorchBatchPipeline(BatchedPipeline):
         return full, bad
 
     def views(self, anchors, anchor_landmarks, positives, positive_landmarks, gen) -> torch.Tensor:
-        first = self.augment(anchors, anchor_landmarks, "first", gen)
-        second = self.augment(positives, positive_landmarks, "second", gen)
-        return torch.cat([first, second])
+        return self.augment.pair(anchors, anchor_landmarks, positives, positive_landmarks, gen)
