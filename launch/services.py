@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import secrets
@@ -39,8 +40,23 @@ from common.errors import UserError
 DEFAULT_BUCKET = "sslfer"
 
 
+log = logging.getLogger(__name__)
+
+
 class ServiceError(UserError, RuntimeError):
     """A local service could not be started or reached; the message says what to do."""
+
+
+def _port_listenable(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:port now. SO_REUSEADDR as Go's (weed's) listeners set it:
+    connections of a just-stopped server in TIME_WAIT do not count, another listener does."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _port_free(port: int) -> bool:
@@ -60,6 +76,27 @@ def free_port(low: int = 20000, high: int = 45000) -> int:
         if _port_free(port) and _port_free(port + 10000):
             return port
     raise ServiceError(f"no free port pair found in {low}..{high}")
+
+
+PORT_ATTEMPTS = 3  # weed starts on fresh ports when one it was given was taken before it could bind
+
+
+class PortTaken(ServiceError):
+    """weed exited because a port chosen for it was taken in the meantime (the message is weed's line)."""
+
+
+def _port_taken_message(log_path: Path, start: int) -> str | None:
+    """weed's port-allocation failure line, if this start's part of the log (from byte ``start``) has one."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            text = f.read(64 * 1024).decode("utf-8", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if "Port allocation failed" in line or "address already in use" in line:
+            return line.strip()[-300:]
+    return None
 
 
 def wait_for_port(
@@ -217,10 +254,28 @@ class ObjectStore:
         (self.data_dir / "data").mkdir(mode=0o700, parents=True, exist_ok=True)
         # weed reads security.toml from its working dir: JWT keys for the filer's and volume server's HTTP.
         write_private(self.data_dir / "security.toml", _security_toml())
-        self.port = self.port or free_port()
+        log_path = self.data_dir / "weed.log"
+        chosen_port = self.port
+        if chosen_port and not _port_listenable(chosen_port):
+            raise ServiceError(
+                f"port {chosen_port} on 127.0.0.1 is in use: stop what holds it, or choose another (--port)"
+            )
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                return self._start_once(chosen_port, log_path)
+            except PortTaken as err:
+                if attempt == PORT_ATTEMPTS:
+                    raise ServiceError(f"{err} ({PORT_ATTEMPTS} tries with fresh ports)") from err
+                log.info("object store: %s; trying other ports", err)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, chosen_port: int, log_path: Path) -> ObjectStore:
+        """One start of weed on fresh ports (``chosen_port`` for S3 if given); PortTaken if a port it was
+        given was taken between our check and its bind (free_port cannot reserve one)."""
+        self.port = chosen_port or free_port()
         ports = [free_port() for _ in range(4)]  # master, volume, filer, their grpc are derived by weed
         self.master_port, self.volume_port, self.filer_port = ports[:3]
-        log_path = self.data_dir / "weed.log"
+        log_start = log_path.stat().st_size if log_path.exists() else 0
         env = dict(os.environ)
         env.update(
             GOMEMLIMIT=self.memory_limit,
@@ -249,8 +304,11 @@ class ObjectStore:
         try:
             wait_for_port(self.port, self.startup_timeout_s, proc, log_path)
             self._wait_for_bucket(proc, log_path)
-        except BaseException:
+        except BaseException as err:
             self.stop()
+            taken = _port_taken_message(log_path, log_start) if proc.poll() is not None else None
+            if isinstance(err, ServiceError) and taken and not (chosen_port and str(chosen_port) in taken):
+                raise PortTaken(taken) from err
             raise
         write_private(
             self.data_dir / "store.json",
@@ -285,7 +343,8 @@ class ObjectStore:
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise ServiceError(f"weed exited with code {proc.returncode}; see {log_path}")
+                tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+                raise ServiceError(f"weed exited with code {proc.returncode}; log tail:\n{tail}")
             try:
                 names = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
                 if self.bucket not in names:

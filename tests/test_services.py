@@ -160,3 +160,46 @@ def test_prometheus_has_no_lifecycle_api(tmp_path):
         assert err.value.code == 403
         with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=5) as resp:
             assert resp.status == 200
+
+
+@pytest.fixture
+def taken_port():
+    """A loopback port held (listening) by this test."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_a_port_taken_before_weed_binds_it_means_fresh_ports_not_a_failed_start(
+    tmp_path, taken_port, monkeypatch
+):
+    """free_port cannot reserve a port: another process may take it before weed binds. weed then exits
+    naming the port, and the store starts again on fresh ones (here the first volume port is taken)."""
+    import launch.services as services
+
+    real, calls = services.free_port, []
+
+    def first_volume_port_taken(*args, **kwargs):
+        calls.append(None)
+        return taken_port if len(calls) == 3 else real(*args, **kwargs)  # S3, master, volume, ...
+
+    monkeypatch.setattr(services, "free_port", first_volume_port_taken)
+    with ObjectStore(data_dir=tmp_path / "store") as store:
+        assert store.volume_port != taken_port and pid_alive(store.pid)
+        assert store._client().head_bucket(Bucket=store.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
+    failures = [
+        line for line in (tmp_path / "store/weed.log").read_text().splitlines() if str(taken_port) in line
+    ]
+    assert len(failures) == 1 and "not available" in failures[0], failures
+
+
+def test_a_taken_s3_port_the_user_chose_is_one_clear_error_before_weed_starts(tmp_path, taken_port):
+    from launch.services import ServiceError
+
+    with pytest.raises(ServiceError, match=f"port {taken_port} on 127.0.0.1 is in use.*--port"):
+        ObjectStore(data_dir=tmp_path / "store", port=taken_port).start()
+    assert not (tmp_path / "store/weed.log").exists()  # refused before weed was started
+    assert not (tmp_path / "store/weed.pid").exists()
