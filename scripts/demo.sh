@@ -74,6 +74,6 @@ simclr, sslfer = f1("simclr"), f1("sslfer")
 verdict = "ahead of" if sslfer > simclr else "NOT ahead of"
 print(f"[demo] expression macro-F1: SSL-FER {sslfer:.1f} vs SimCLR {simclr:.1f} - the full method is {verdict} SimCLR "
       "here. One seed of 300 steps cannot show the paper's effect reliably: the 5-seed, 3000-step comparison with "
-      "its confidence interval is in docs/results/ablation_curriculum.md.")
+      "its confidence interval for this recipe is in docs/results/ablation_stream.md.")
 PY
 echo "[demo] done: results in $DEMO_DIR/eval (results.json, results.md, plots)"
