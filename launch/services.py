@@ -40,27 +40,19 @@ from common.errors import UserError
 DEFAULT_BUCKET = "sslfer"
 
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class ServiceError(UserError, RuntimeError):
     """A local service could not be started or reached; the message says what to do."""
 
 
-def _port_listenable(port: int) -> bool:
-    """Whether a server could listen on 127.0.0.1:port now. SO_REUSEADDR as Go's (weed's) listeners set it:
-    connections of a just-stopped server in TIME_WAIT do not count, another listener does."""
+def _port_free(port: int, like_a_server: bool = False) -> bool:
+    """Whether 127.0.0.1:port can be bound now. ``like_a_server``: with SO_REUSEADDR, as Go's (weed's)
+    listeners bind, so connections of a just-stopped server in TIME_WAIT do not count; another listener does."""
     with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
+        if like_a_server:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -99,6 +91,11 @@ def _port_taken_message(log_path: Path, start: int) -> str | None:
     return None
 
 
+def _log_tail(path: Path | None, chars: int = 2000) -> str:
+    """The end of a service's log, for an error message ("" when there is none)."""
+    return path.read_text(errors="replace")[-chars:] if path is not None and path.exists() else ""
+
+
 def wait_for_port(
     port: int, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None
 ) -> None:
@@ -106,9 +103,8 @@ def wait_for_port(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            tail = log.read_text()[-2000:] if log and log.exists() else ""
             raise ServiceError(
-                f"service exited with code {proc.returncode} before it was ready; log tail:\n{tail}"
+                f"service exited with code {proc.returncode} before it was ready; log tail:\n{_log_tail(log)}"
             )
         with socket.socket() as sock:
             sock.settimeout(0.2)
@@ -256,18 +252,19 @@ class ObjectStore:
         write_private(self.data_dir / "security.toml", _security_toml())
         log_path = self.data_dir / "weed.log"
         chosen_port = self.port
-        if chosen_port and not _port_listenable(chosen_port):
+        if chosen_port and not _port_free(chosen_port, like_a_server=True):
             raise ServiceError(
                 f"port {chosen_port} on 127.0.0.1 is in use: stop what holds it, or choose another (--port)"
             )
-        for attempt in range(1, PORT_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 return self._start_once(chosen_port, log_path)
             except PortTaken as err:
                 if attempt == PORT_ATTEMPTS:
                     raise ServiceError(f"{err} ({PORT_ATTEMPTS} tries with fresh ports)") from err
-                log.info("object store: %s; trying other ports", err)
-        raise AssertionError("unreachable")
+                logger.info("object store: %s; trying other ports", err)
+                attempt += 1
 
     def _start_once(self, chosen_port: int, log_path: Path) -> ObjectStore:
         """One start of weed on fresh ports (``chosen_port`` for S3 if given); PortTaken if a port it was
@@ -343,8 +340,9 @@ class ObjectStore:
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-                raise ServiceError(f"weed exited with code {proc.returncode}; log tail:\n{tail}")
+                raise ServiceError(
+                    f"weed exited with code {proc.returncode}; log tail:\n{_log_tail(log_path)}"
+                )
             try:
                 names = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
                 if self.bucket not in names:
@@ -386,9 +384,8 @@ def http_ready(
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            tail = log.read_text()[-2000:] if log and log.exists() else ""
             raise ServiceError(
-                f"service exited with code {proc.returncode} before it was ready; log tail:\n{tail}"
+                f"service exited with code {proc.returncode} before it was ready; log tail:\n{_log_tail(log)}"
             )
         try:
             with urllib.request.urlopen(url, timeout=1) as resp:

@@ -212,6 +212,11 @@ def _unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
 
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"ViewAugmenter: expected images (N, 3, H, W), got {tuple(images.shape)}")
+
+
 def on_rows(x: torch.Tensor, selected: torch.Tensor, op, static: bool = False) -> torch.Tensor:
     """``op(rows, x[rows])`` written back into the selected rows of ``x`` (in place; ``x`` must be a tensor
     this module made). Only the chosen samples pay for an op, and no full-batch ``torch.where`` is needed.
@@ -281,8 +286,7 @@ class ViewAugmenter:
         generator: torch.Generator,
         return_params: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, ViewParams]:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"ViewAugmenter: expected images (N, 3, H, W), got {tuple(images.shape)}")
+        _check_images(images)
         if family not in ("first", "second"):
             raise ValueError(f"ViewAugmenter: family must be 'first' or 'second', got {family!r}")
         n, _, height, width = images.shape
@@ -302,20 +306,28 @@ class ViewAugmenter:
         """Family "first" on ``anchors`` and "second" on ``positives`` (same size), concatenated: the draws
         and values of two calls, in one pass over the pixels. Every pixel op is per row, so joining the
         rows halves the number of op launches, which is most of the cost for small batches on a CPU."""
+        _check_images(anchors)
+        _check_images(positives)
         if anchors.shape[1:] != positives.shape[1:]:
             raise ValueError(f"ViewAugmenter.pair: {tuple(anchors.shape)} vs {tuple(positives.shape)}")
-        for images in (anchors, positives):
-            if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"ViewAugmenter: expected images (N, 3, H, W), got {tuple(images.shape)}")
-        _, _, height, width = anchors.shape
-        scale = (self.cfg.resize / width, self.cfg.resize / height)
-        p = ViewParams.cat(
-            [self.draw_params(x.shape[0], family, generator, scale, x.device)
-             for x, family in ((anchors, "first"), (positives, "second"))]
-        )  # fmt: skip
+        height, width = anchors.shape[-2:]
+        p = self.draw_pair_params(
+            anchors.shape[0], positives.shape[0], generator, height, width, anchors.device
+        )
         x = torch.cat([_unit_float(anchors), _unit_float(positives)])
         landmarks = torch.cat([anchor_landmarks.to(x.device), positive_landmarks.to(x.device)])
         return self.render(x, landmarks, p)
+
+    def draw_pair_params(
+        self, anchors: int, positives: int, generator: torch.Generator, height: int, width: int, device
+    ) -> ViewParams:
+        """Family "first" for ``anchors`` rows, then "second" for ``positives`` rows of (height, width)
+        images, in the order two calls draw them (every pipeline draws a batch's views this way)."""
+        scale = (self.cfg.resize / width, self.cfg.resize / height)
+        return ViewParams.cat(
+            [self.draw_params(anchors, "first", generator, scale, device),
+             self.draw_params(positives, "second", generator, scale, device)]
+        )  # fmt: skip
 
     def render(self, x: torch.Tensor, landmarks: torch.Tensor, p: ViewParams) -> torch.Tensor:
         """The pixel ops on float (N, 3, H, W) images in 0..1 with the drawn parameters ``p``."""

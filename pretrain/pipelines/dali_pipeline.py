@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from pretrain.augment import ViewAugmenter, ViewParams, ellipse_masks
+from pretrain.augment import ViewAugmenter, ellipse_masks
 from pretrain.dataset import Dataset
 from pretrain.decode import decode_jpegs_skipping
 from pretrain.pipelines.batched import BatchedPipeline
@@ -75,13 +75,9 @@ class DaliBatchPipeline(BatchedPipeline):
         images = torch.cat([anchors, positives])
         landmarks = torch.cat([anchor_landmarks, positive_landmarks]).float()
         size = images.shape[-1]
-        # Every random parameter from the batch's seeded generator, in the torch path's order (anchors' family
-        # first, then the positives'): both paths draw the same crops, flips, masks and colour factors.
-        scale = (cfg.resize / size, cfg.resize / size)
-        params = ViewParams.cat(
-            [self.augment.draw_params(x.shape[0], family, gen, scale, "cpu")
-             for x, family in ((anchors, "first"), (positives, "second"))]
-        )  # fmt: skip
+        # Every random parameter from the batch's seeded generator, as the torch path draws them: both paths
+        # draw the same crops, flips, masks and colour factors.
+        params = self.augment.draw_pair_params(anchors.shape[0], positives.shape[0], gen, size, size, "cpu")
         region = params.mask_region.to(images.device)
         masks = ellipse_masks(
             landmarks.to(images.device), region, size, size, cfg.mask_scale, cfg.mask_min_aspect
