@@ -15,10 +15,13 @@ window, half as many for (c) (its per-sample pipeline is the slow part) after tw
 
     python bench/bench_step.py                      # demo model (ResNet-18 w16, 64 px) and ResNet-50 at 112 px
     python bench/bench_step.py --quick              # demo model only, few steps (smoke)
+    python bench/bench_step.py --steps 100 --repeats 3   # medians of 3 alternating repeats, per-repeat ratios
     python bench/bench_step.py --variants fp32,bf16_autocast,compile --set data.num_workers=2
+    python bench/bench_step.py --sizes r18w16-64 --variants threads1,threads2   # input threads vs inline
 
 ``--set KEY=VALUE`` goes to every run's config (a, b, c); ``--variants`` repeats (b) with each variant's
-settings (fp32: precision=fp32; bf16_autocast: precision=bf16_autocast; compile: model.compile=true). A
+settings (fp32: precision=fp32; bf16_autocast: precision=bf16_autocast; compile: model.compile=true; inline,
+threads1, threads2: data.num_workers=0, 1, 2). A
 variant whose config key this checkout does not have is reported as unavailable with the config's message.
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +53,9 @@ VARIANTS = {
     "fp32": ["precision=fp32"],
     "bf16_autocast": ["precision=bf16_autocast"],
     "compile": ["model.compile=true"],
+    "inline": ["data.num_workers=0"],
+    "threads1": ["data.num_workers=1"],
+    "threads2": ["data.num_workers=2"],
 }
 GOAL_CEILING, GOAL_ORIGINAL = 0.9, 5.0
 
@@ -67,11 +74,19 @@ def parse_args(argv=None):
     )
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--variants", default="", help=f"comma list of {sorted(VARIANTS)}: (b) again with each")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run a, b, c (and variants) this many times in turn; the table gives medians",
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.steps = args.steps or (6 if args.quick else 12)
+    if args.repeats < 1:
+        p.error("--repeats: at least 1")
     args.identities = args.identities or (4 if args.quick else 16)
     names = args.sizes.split(",") if args.sizes else (list(SIZES)[:1] if args.quick else list(SIZES))
     unknown = [n for n in names if n not in SIZES]
@@ -92,10 +107,11 @@ def load_cfg(overrides: list[str]):
 
 
 def run_overrides(size: str, global_clips: int, sets: list[str]) -> list[str]:
-    """Every part's config: the size, the global batch, the CPU settings (fp32, one input thread per rank: 2
-    ranks + 2 input threads on 2 cores, as (c)'s trainer + 1 worker), FaceSwap in every measured step, --set."""
+    """Every part's config: the size, the global batch, the CPU settings (fp32; input threads as the trainer's
+    default picks them, data.num_workers=auto: none on 2 ranks on 2 cores, the input runs inline in each rank),
+    FaceSwap in every measured step, --set."""
     return [*SIZES[size], f"data.global_batch_clips={global_clips}", "device=cpu", "precision=fp32",
-            "data.num_workers=1", "faceswap.start_step=0", "faceswap.p_warmup_steps=0", *sets]  # fmt: skip
+            "data.num_workers=auto", "faceswap.start_step=0", "faceswap.p_warmup_steps=0", *sets]  # fmt: skip
 
 
 def ratios(images_per_s: dict[str, float | None]) -> dict[str, float | None]:
@@ -109,6 +125,14 @@ def ratios(images_per_s: dict[str, float | None]) -> dict[str, float | None]:
         "trainer/ceiling": div(t, images_per_s.get("ceiling")),
         "trainer/original": div(t, images_per_s.get("original")),
     }
+
+
+def repeat_spread(size: str, runs: dict[str, list[float]]) -> str:
+    """One line per size: each part's images/s range over the repeats and the per-repeat (b)/(a) ratios (a
+    and b of one repeat ran back to back, so their ratio is less exposed to drift than either figure)."""
+    spans = ", ".join(f"{part} {min(v):,.1f}-{max(v):,.1f}" for part, v in runs.items())
+    paired = ", ".join(f"{t / c:.2f}" for t, c in zip(runs.get("trainer", []), runs.get("ceiling", [])))
+    return f"{size}: images/s over repeats: {spans}; (b)/(a) by repeat: {paired}"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -392,27 +416,43 @@ def main() -> int:
             base = run_overrides(size, args.global_clips, args.sets)
             load_cfg(base)  # a bad --set fails here, with the config's message
             print(f"== {size}: {' '.join(base)}", flush=True)
-            row = {"size": size, "variant": "as set"}
-            row["ceiling"] = run_ceiling(base, args.steps)
-            print(f"  (a) ceiling  {row['ceiling']:8.1f} images/s", flush=True)
-            row["trainer"] = run_trainer(data, base, args.steps, work)
-            print(f"  (b) trainer  {row['trainer']:8.1f} images/s", flush=True)
-            row["original"] = run_original(clips, base, max(2, args.steps // 2))
-            print(f"  (c) original {row['original']:8.1f} images/s", flush=True)
+            runs: dict[str, list[float]] = {}  # part or variant -> images/s of each repeat
+            errors: dict[str, str] = {}
+            for repeat in range(args.repeats):  # a, b, c (and variants) in turn: machine drift hits all alike
+                tag = f" [repeat {repeat + 1}/{args.repeats}]" if args.repeats > 1 else ""
+                parts = [("a", "ceiling", run_ceiling, (base, args.steps)),
+                         ("b", "trainer", run_trainer, (data, base, args.steps, work)),
+                         ("c", "original", run_original, (clips, base, max(2, args.steps // 2)))]  # fmt: skip
+                for label, part, fn, fn_args in parts:
+                    runs.setdefault(part, []).append(fn(*fn_args))
+                    print(f"  ({label}) {part:8s} {runs[part][-1]:8.1f} images/s{tag}", flush=True)
+                for v in variants:
+                    if v in errors:
+                        continue
+                    try:
+                        load_cfg(base + VARIANTS[v])
+                        runs.setdefault(v, []).append(run_trainer(data, base + VARIANTS[v], args.steps, work))
+                        print(f"  (b) {v}: {runs[v][-1]:8.1f} images/s{tag}", flush=True)
+                    except ConfigError as err:
+                        errors[v] = str(err).splitlines()[0][:120]
+                        print(f"  (b) {v}: {errors[v]}", flush=True)
+            row = {"size": size, "variant": "as set", "repeats": runs}
+            row.update({part: statistics.median(runs[part]) for part in ("ceiling", "trainer", "original")})
             rows.append(row)
             for v in variants:
-                extra = base + VARIANTS[v]
                 vrow = {"size": size, "variant": v, "ceiling": row["ceiling"], "original": row["original"]}
-                try:
-                    load_cfg(extra)
-                    vrow["trainer"] = run_trainer(data, extra, args.steps, work)
-                except ConfigError as err:
-                    vrow["error"] = str(err).splitlines()[0][:120]
-                print(f"  (b) {v}: {vrow.get('trainer', vrow.get('error'))}", flush=True)
+                if v in errors:
+                    vrow["error"] = errors[v]
+                else:
+                    vrow["trainer"] = statistics.median(runs[v])
                 rows.append(vrow)
     print(f"\n2 CPU ranks, {args.global_clips} clips = {4 * args.global_clips} images per step, "
-          f"{args.steps} timed steps (ceiling, trainer), config {CONFIG.relative_to(REPO)} + overrides above")  # fmt: skip
+          f"{args.steps} timed steps (ceiling, trainer), config {CONFIG.relative_to(REPO)} + overrides above"
+          + (f"; medians of {args.repeats} repeats" if args.repeats > 1 else ""))  # fmt: skip
     print(format_table(rows))
+    for row in rows:
+        if args.repeats > 1 and "repeats" in row:
+            print(repeat_spread(row["size"], row["repeats"]))
     return 0
 
 

@@ -35,7 +35,11 @@ class DataConfig(StreamConfig):
     url: str = "runs/data/synth-pretrain"  # clips dataset: folder or s3://bucket/prefix holding manifest.json
     batch_clips: int = 8  # clips per rank per step; images per rank = 4x (SSL-FER) or 2x (SimCLR)
     global_batch_clips: int | None = None  # clips per step over ALL ranks; set: split evenly into batch_clips
-    num_workers: int = 2  # background threads preparing batches (whole batches on a CPU device); 0: inline
+    # Whole batches on a CPU device. auto: as many as cores the ranks' compute threads leave spare, at most 4
+    # (resolve_input_workers; 2 CPU ranks on 2 cores: none)
+    num_workers: int | Literal["auto"] = (
+        "auto"  # threads preparing batches per rank; 0: inline; auto: spare cores
+    )
     prefetch: int = 4  # batches prepared ahead of the training step
     keep_freed_memory: bool = True  # CPU device: glibc reuses freed tensor memory (pretrain/allocator.py)
     decode: Literal["auto", "device", "cpu"] = "auto"  # where JPEGs are decoded (auto: nvjpeg on CUDA)
@@ -56,8 +60,8 @@ class DataConfig(StreamConfig):
                 f"config key 'data.batch_clips': need >= 2 clips per rank (FaceSwap and negatives need "
                 f"other clips), got {self.batch_clips}"
             )
-        if self.num_workers < 0 or self.prefetch < 1:
-            raise ConfigError("config key 'data.num_workers' must be >= 0 and 'data.prefetch' >= 1")
+        if (self.num_workers != "auto" and self.num_workers < 0) or self.prefetch < 1:
+            raise ConfigError("config key 'data.num_workers' must be auto or >= 0, and 'data.prefetch' >= 1")
         if self.image_size < 16:
             raise ConfigError(f"config key 'data.image_size': must be >= 16, got {self.image_size}")
 
@@ -169,6 +173,40 @@ class PretrainConfig:
                 "config keys 'augment.channels_last' and 'model.channels_last' must agree "
                 "(views are produced in the memory format the model runs in)"
             )
+
+
+AUTO_MAX_WORKERS = 4  # more input threads per rank stopped paying on a 16-core host (bench/bench_input.py)
+
+
+def auto_input_workers(device: str, cores: int, local_ranks: int, compute_threads: int) -> int:
+    """``data.num_workers=auto``: input threads per rank = the cores left per rank once every local rank's
+    compute threads have one each (a CUDA rank's compute is one feeding thread), at most
+    :data:`AUTO_MAX_WORKERS`; none (inline) where nothing is left over.
+
+    Why inline there: with no spare core an input thread only takes turns with the compute thread of its own
+    rank, and the switching costs more than it hides. On 2 CPU ranks on 2 cores the demo-size trainer ran 3-7%
+    faster inline than with one thread per rank (3 paired repeats of ``bench/bench_step.py --variants threads1``)."""
+    per_rank = 1 if device.startswith("cuda") else max(1, compute_threads)
+    spare = (cores - max(1, local_ranks) * per_rank) // max(1, local_ranks)
+    return max(0, min(AUTO_MAX_WORKERS, spare))
+
+
+def resolve_input_workers(cfg: PretrainConfig, device: str, local_ranks: int | None = None) -> PretrainConfig:
+    """A copy of ``cfg`` with ``data.num_workers=auto`` replaced by its number on this host for a rank on
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``) (cores this process may run on, ranks on this host from the launcher's ``LOCAL_WORLD_SIZE``/``LOCAL_SIZE``, torch's intra-op
+    threads); ``cfg`` itself when the number is set."""
+    import os
+    from dataclasses import replace
+
+    import torch
+
+    if cfg.data.num_workers != "auto":
+        return cfg
+    if local_ranks is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = auto_input_workers(str(device), cores, local_ranks, torch.get_num_threads())
+    return replace(cfg, data=replace(cfg.data, num_workers=workers))
 
 
 def resolve_global_batch(cfg: PretrainConfig, world_size: int) -> PretrainConfig:

@@ -25,7 +25,7 @@ from common.configio import save_config
 from pretrain import distributed, fault_injection, preflight, sweep
 from pretrain.checkpoint import Checkpointer, StopSignal
 from pretrain.collapse import CollapseDetector
-from pretrain.config import PretrainConfig, resolve_global_batch
+from pretrain.config import PretrainConfig, resolve_global_batch, resolve_input_workers
 from pretrain.dataset import open_dataset
 from pretrain.ds_config import lr_scheduler_factory, resolve_ds_config, save_resolved, write_monitor_loss
 from pretrain.loss import DistributedInfoNCE, LossOutput
@@ -98,6 +98,8 @@ class Trainer:
         distributed.barrier()
 
     def build_data(self) -> None:
+        # data.num_workers=auto -> a number for this host, recorded in the run's config.yaml
+        self.cfg = resolve_input_workers(self.cfg, self.device.type)
         # data.pipeline picks torch | dali | torchvision; all yield the same Batch through one interface.
         self.batches = make_batch_pipeline(
             self.cfg, self.rank, self.world_size, self.device, dataset=self.dataset

@@ -102,6 +102,15 @@ def test_bench_step_ratios_and_table_name_the_goals():
     assert table[3] == "| r18w16-64 | compile | 400.0 | unavailable: no key | 100.0 | - | - |"
 
 
+def test_bench_step_repeat_spread_pairs_each_repeats_trainer_with_its_ceiling():
+    line = bench_step.repeat_spread("r18w16-64", {"ceiling": [1000.0, 800.0], "trainer": [700.0, 640.0]})
+    assert line == (
+        "r18w16-64: images/s over repeats: ceiling 800.0-1,000.0, trainer 640.0-700.0; (b)/(a) by repeat: 0.70, 0.80"
+    )
+    with pytest.raises(SystemExit):
+        bench_step.parse_args(["--repeats", "0"])
+
+
 def test_bench_step_overrides_keep_the_size_and_put_set_last():
     o = bench_step.run_overrides("r50-112", 8, ["data.num_workers=2"])
     assert o[:5] == bench_step.SIZES["r50-112"] and "data.global_batch_clips=8" in o

@@ -263,3 +263,40 @@ def test_faceswap_probability_ramps_with_the_batch_position():
         [0, 0, 0, 0.2, 0.8, 0.8]
     )
     assert FaceSwapConfig(p=0.8, start_step=3).probability_at(3) == 0.8
+
+
+def test_auto_input_workers_use_only_cores_the_ranks_leave_over():
+    from pretrain.config import AUTO_MAX_WORKERS, auto_input_workers
+
+    assert auto_input_workers("cpu", cores=2, local_ranks=2, compute_threads=1) == 0  # inline: no spare core
+    assert auto_input_workers("cpu", cores=4, local_ranks=2, compute_threads=2) == 0
+    assert auto_input_workers("cpu", cores=4, local_ranks=2, compute_threads=1) == 1
+    assert auto_input_workers("cpu", cores=64, local_ranks=2, compute_threads=1) == AUTO_MAX_WORKERS
+    assert auto_input_workers("cuda", cores=16, local_ranks=8, compute_threads=8) == 1  # one feeding thread
+    assert auto_input_workers("cuda", cores=8, local_ranks=8, compute_threads=1) == 0
+    assert auto_input_workers("cpu", cores=1, local_ranks=4, compute_threads=1) == 0  # oversubscribed: inline
+
+
+def test_input_workers_auto_resolves_to_a_number_and_a_set_number_stays(monkeypatch):
+    import os
+
+    import torch
+
+    from pretrain.config import PretrainConfig, auto_input_workers, resolve_input_workers
+
+    loaded = load_config(PretrainConfig, None, [])
+    assert loaded.data.num_workers == "auto"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    resolved = resolve_input_workers(loaded, "cpu")
+    cores = len(os.sched_getaffinity(0))
+    assert resolved.data.num_workers == auto_input_workers("cpu", cores, 2, torch.get_num_threads())
+    assert loaded.data.num_workers == "auto"  # a copy; the loaded config is kept
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_SIZE", str(cores))  # the deepspeed launcher's name: as many ranks as cores
+    assert resolve_input_workers(loaded, "cpu").data.num_workers == 0
+    fixed = load_config(PretrainConfig, None, ["data.num_workers=3"])
+    assert resolve_input_workers(fixed, "cpu") is fixed
+    with pytest.raises(ConfigError, match="data.num_workers"):
+        load_config(PretrainConfig, None, ["data.num_workers=-1"])
+    with pytest.raises(ConfigError, match="data.num_workers"):
+        load_config(PretrainConfig, None, ["data.num_workers=many"])

@@ -251,6 +251,27 @@ def test_batches_finished_by_workers_or_the_trainer_are_identical_and_resume_exa
     assert all(torch.equal(a.images, b.images) for a, b in zip(_take(resumed, 2), out["workers"][2:]))
 
 
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_inline_input_makes_the_batches_threads_make(good_url, pipeline):
+    """data.num_workers=0 (what auto picks where no core is spare) gives the same seeded batches as background
+    workers, and reports its input as the training thread's own work (input_prep), not as waiting."""
+    from pretrain.pipelines import make_batch_pipeline
+
+    inline = _take(
+        make_batch_pipeline(_cfg(good_url, f"data.pipeline={pipeline}", "data.num_workers=0"), 0, 1), 3
+    )
+    threads = _take(
+        make_batch_pipeline(_cfg(good_url, f"data.pipeline={pipeline}", "data.num_workers=2"), 0, 1), 3
+    )
+    for a, b in zip(inline, threads):
+        assert (a.epoch, a.index) == (b.epoch, b.index)
+        assert torch.equal(a.images, b.images) and torch.equal(a.swapped, b.swapped)
+    assert all(b.wait_s == 0.0 for b in inline)
+    auto = make_batch_pipeline(_cfg(good_url, f"data.pipeline={pipeline}", "data.num_workers=auto"), 0, 1)
+    assert isinstance(auto.data.num_workers, int)  # resolved for this host where the pipeline is built
+    auto.close()
+
+
 def test_static_and_dynamic_shapes_make_the_same_batches(good_url):
     from pretrain.pipelines import make_batch_pipeline
 

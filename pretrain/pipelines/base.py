@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from data_shards.read import SkipCounter, iter_samples
+from pretrain.config import resolve_input_workers
 from pretrain.dataset import Dataset, open_dataset
 from pretrain.descriptors import build_descriptor
 from pretrain.loss import batch_layout
@@ -133,10 +134,10 @@ class ClipBatchPipeline(BatchPipeline):
         device: torch.device | str = "cpu",
         dataset: Dataset | None = None,
     ):
-        self.cfg = cfg
+        self.device = torch.device(device)
+        self.cfg = cfg = resolve_input_workers(cfg, self.device.type)  # data.num_workers=auto -> a number
         self.data = cfg.data
         self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
         # Opened by the engine once per rank; opened here for a pipeline built on its own (tests, benchmarks).
         self.dataset = dataset if dataset is not None else open_dataset(self.data.url)
         self.layout = "sslfer" if cfg.sampling.hard_negatives else "simclr"

@@ -187,7 +187,8 @@ class BatchedPipeline(ClipBatchPipeline):
             while True:
                 t0 = time.perf_counter()
                 item, stream_state = self._threads.get()
-                wait_s = time.perf_counter() - t0
+                # inline (num_workers=0) the input is this thread's own work, not a wait: input_prep_fraction
+                wait_s = 0.0 if self._threads.inline is not None else time.perf_counter() - t0
                 if isinstance(item, Batch):  # finished by a worker thread (data.finish_in)
                     batch, batch.wait_s = item, wait_s
                     self._hand_over(batch)

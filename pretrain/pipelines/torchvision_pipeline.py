@@ -209,7 +209,7 @@ class TorchvisionBatchPipeline(ClipBatchPipeline):
             while True:
                 t0 = time.perf_counter()
                 item = next(it)
-                wait_s = time.perf_counter() - t0
+                wait_s = time.perf_counter() - t0 if workers else 0.0  # inline: input is this thread's work
                 batch = self._finish_item(item, wait_s)
                 epoch, index = item["epoch"], item["index"]
                 self.consumed(epoch, index, states.pop((epoch, index)))
