@@ -363,3 +363,24 @@ def test_landmarks_from_npy_member_json_lists_and_corrupt_npy():
     np.testing.assert_array_equal(samples[0]["meta"]["landmarks"], lm)
     np.testing.assert_allclose(np.asarray(samples[1]["meta"]["landmarks"], np.float32), lm)
     assert skips.as_dict() == {"bad_landmarks": 1}
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f8", "<i2", "u1"])
+@pytest.mark.parametrize("fortran", [False, True])
+def test_landmarks_npy_loads_as_numpy_does_from_one_header_parse(dtype, fortran):
+    """The reader builds the array from the header it checked: equal to np.load for any byte order and memory
+    order, writable, and not a view of the shard's bytes."""
+    import io
+
+    from data_shards.read import _load_npy
+
+    array = (np.arange(3 * 68 * 2) % 97).astype(dtype).reshape(3, 68, 2)
+    if fortran:
+        array = np.asfortranarray(array)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    loaded = _load_npy(buffer.getvalue())
+    expected = np.load(io.BytesIO(buffer.getvalue()))
+    assert loaded.dtype == expected.dtype and loaded.shape == expected.shape
+    np.testing.assert_array_equal(loaded, expected)
+    assert loaded.flags.writeable and loaded.flags.owndata
