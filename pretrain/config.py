@@ -37,9 +37,7 @@ class DataConfig(StreamConfig):
     global_batch_clips: int | None = None  # clips per step over ALL ranks; set: split evenly into batch_clips
     # Whole batches on a CPU device. auto: as many as cores the ranks' compute threads leave spare, at most 4
     # (resolve_input_workers; 2 CPU ranks on 2 cores: none)
-    num_workers: int | Literal["auto"] = (
-        "auto"  # threads preparing batches per rank; 0: inline; auto: spare cores
-    )
+    num_workers: int | Literal["auto"] = "auto"  # input threads per rank; 0: inline; auto: spare cores
     prefetch: int = 4  # batches prepared ahead of the training step
     keep_freed_memory: bool = True  # CPU device: glibc reuses freed tensor memory (pretrain/allocator.py)
     decode: Literal["auto", "device", "cpu"] = "auto"  # where JPEGs are decoded (auto: nvjpeg on CUDA)
@@ -175,7 +173,7 @@ class PretrainConfig:
             )
 
 
-AUTO_MAX_WORKERS = 4  # more input threads per rank stopped paying on a 16-core host (bench/bench_input.py)
+AUTO_MAX_WORKERS = 4  # a cap, not a measured optimum: more threads per rank share one GIL
 
 
 def auto_input_workers(device: str, cores: int, local_ranks: int, compute_threads: int) -> int:
@@ -191,10 +189,11 @@ def auto_input_workers(device: str, cores: int, local_ranks: int, compute_thread
     return max(0, min(AUTO_MAX_WORKERS, spare))
 
 
-def resolve_input_workers(cfg: PretrainConfig, device: str, local_ranks: int | None = None) -> PretrainConfig:
+def resolve_input_workers(cfg: PretrainConfig, device: str) -> PretrainConfig:
     """A copy of ``cfg`` with ``data.num_workers=auto`` replaced by its number on this host for a rank on
-    ``device`` (``cpu``, ``cuda``, ``cuda:N``) (cores this process may run on, ranks on this host from the launcher's ``LOCAL_WORLD_SIZE``/``LOCAL_SIZE``, torch's intra-op
-    threads); ``cfg`` itself when the number is set."""
+    ``device`` (``cpu``, ``cuda``), from the cores this process may run on, the ranks on this host (the
+    launcher's ``LOCAL_WORLD_SIZE`` or ``LOCAL_SIZE``) and torch's intra-op threads; ``cfg`` itself when the
+    number is set."""
     import os
     from dataclasses import replace
 
@@ -202,8 +201,7 @@ def resolve_input_workers(cfg: PretrainConfig, device: str, local_ranks: int | N
 
     if cfg.data.num_workers != "auto":
         return cfg
-    if local_ranks is None:
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = auto_input_workers(str(device), cores, local_ranks, torch.get_num_threads())
     return replace(cfg, data=replace(cfg.data, num_workers=workers))
