@@ -42,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
     p.add_argument("--precision", choices=["fp32", "bf16_autocast", "bf16_weights"], default="fp32")
     p.add_argument("--steps", type=int, default=20, help="timed steps per loop")
+    p.add_argument(
+        "--ds-json", default=None,
+        help="a DeepSpeed JSON merged over the project's config as launch/pretrain.py merges --deepspeed_config "
+        "(e.g. ZeRO tuning: zero_optimization.overlap_comm, reduce_bucket_size)",
+    )  # fmt: skip
     p.add_argument("--block", type=int, default=5, help="steps per alternation block")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -116,29 +121,46 @@ def state_bytes(*roots) -> int:
     return sum(seen.values())
 
 
-def worker(args) -> None:
-    import deepspeed
-    import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+def bench_config(args):
+    """The project config both loops train under."""
     from common.configio import load_config
-    from pretrain import distributed
     from pretrain.config import PretrainConfig
-    from pretrain.descriptors import landmark_descriptor
-    from pretrain.ds_config import build_ds_config
-    from pretrain.loss import DistributedInfoNCE, batch_layout
-    from pretrain.model import ContrastiveEncoder
 
-    cuda = args.device == "cuda"
-    distributed.init_distributed("nccl" if cuda else "gloo")
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    device = torch.device("cuda", distributed.get_local_rank()) if cuda else torch.device("cpu")
-    cfg = load_config(
+    return load_config(
         PretrainConfig,
         None,
         [f"model.arch={args.arch}", f"model.width={args.width}", f"data.batch_clips={args.batch_clips}",
          f"zero_stage={args.zero_stage}", f"precision={args.precision}", f"device={args.device}"],
     )  # fmt: skip
+
+
+def engine_config(args, cfg, world: int) -> dict:
+    """The DeepSpeed engine's config: the project's, with ``--ds-json`` merged as the trainer merges it."""
+    from pretrain.ds_config import build_ds_config, load_user_config, merge_user_config
+
+    config = build_ds_config(cfg, world)
+    if args.ds_json:
+        config = merge_user_config(config, load_user_config(args.ds_json), cfg, world, args.ds_json)
+    return config
+
+
+def worker(args) -> None:
+    import deepspeed
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from pretrain import distributed
+    from pretrain.descriptors import landmark_descriptor
+    from pretrain.loss import DistributedInfoNCE, batch_layout
+    from pretrain.model import ContrastiveEncoder
+
+    cuda = args.device == "cuda"
+    distributed.init_distributed("nccl" if cuda else "gloo")
+    if not distributed.is_initialized():  # one rank: the project runs without a group, DDP needs one
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    device = torch.device("cuda", distributed.get_local_rank()) if cuda else torch.device("cpu")
+    cfg = bench_config(args)
     dtype = torch.bfloat16 if args.precision == "bf16_weights" else torch.float32
     autocast = args.precision == "bf16_autocast"  # both sides: fp32 weights, bf16 autocast forward
 
@@ -165,10 +187,11 @@ def worker(args) -> None:
         out.loss.backward()
         opt.step()
 
+    ds_config = engine_config(args, cfg, world)
     torch.manual_seed(0)
     engine, *_ = deepspeed.initialize(
         model=ContrastiveEncoder(cfg.model),
-        config=build_ds_config(cfg, world),
+        config=ds_config,
         model_parameters=None,
         dist_init_required=False,
     )
@@ -216,6 +239,9 @@ def worker(args) -> None:
         imgs = {}
         print(f"ranks={world} device={args.device} arch={args.arch} width={args.width} crop={args.crop} "
               f"batch={n} images/rank precision={args.precision} zero_stage={args.zero_stage}")  # fmt: skip
+        print(f"  engine: zero_stage={engine.zero_optimization_stage()} overlap_comm={engine.zero_overlap_comm()} "
+              f"reduce_bucket_size={engine.zero_reduce_bucket_size()} "
+              f"allgather_bucket_size={engine.zero_allgather_bucket_size()}")  # fmt: skip
         for i, name in enumerate(("ddp", "deepspeed")):
             seconds = rows[:, 4 * i].max().item()  # the slowest rank sets the pace
             steps = rows[0, 4 * i + 1].item()
@@ -228,6 +254,20 @@ def worker(args) -> None:
         print(f"overhead ratio (DDP images/s / DeepSpeed images/s): {imgs['ddp'] / imgs['deepspeed']:.3f}")
     distributed.barrier()
     distributed.destroy_distributed()
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """The arguments for the ranks, without ``--nproc N``: torchrun reads its own options out of the script's
+    arguments too, and ``--nproc`` is an ambiguous prefix of its ``--nproc-per-node`` (the ranks do not need it)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _free_port() -> int:
@@ -243,18 +283,20 @@ def main() -> int:
     if args.worker:
         worker(args)
         return 0
+    from common.errors import ConfigError
+
+    try:  # a bad config or DeepSpeed JSON: one line here, not a traceback from every rank
+        engine_config(args, bench_config(args), args.nproc)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("DS_ACCELERATOR", "cpu" if args.device == "cpu" else "cuda")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
     env["PYTHONPATH"] = str(REPO)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--master_port", str(_free_port()), __file__, "--worker", *sys.argv[1:]]  # fmt: skip
-    if args.nproc == 1:
-        env.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-        )
-        cmd = [sys.executable, __file__, "--worker", *sys.argv[1:]]
+           "--master_port", str(_free_port()), __file__, "--worker", *worker_argv(sys.argv[1:])]  # fmt: skip
     return subprocess.call(cmd, env=env, cwd=REPO)
 
 

@@ -6,6 +6,7 @@ Overhead % = (DeepSpeed ms/step / DDP ms/step - 1) x 100.
 
     python bench/bench_zero.py                        # 0.8 M, 11 M, 23.5 M parameters x ZeRO 0, 1, 2
     python bench/bench_zero.py --quick                # smallest model only, few steps (smoke)
+    python bench/bench_zero.py --ds-json tuned.json   # the same with ZeRO tuning merged in (overlap_comm...)
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def parse_args(argv=None):
     p.add_argument("--stages", default="0,1,2")
     p.add_argument("--steps", type=int, default=None, help="timed steps per loop (default 10, --quick 4)")
     p.add_argument("--batch-clips", type=int, default=4, help="clips per rank (4 images each)")
+    p.add_argument(
+        "--ds-json", default=None,
+        help="DeepSpeed JSON merged into the engine's config (bench_train.py --ds-json), e.g. ZeRO bucket tuning",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     args.sizes = args.sizes.split(",") if args.sizes else (list(SIZES)[:1] if args.quick else list(SIZES))
@@ -91,6 +96,8 @@ def main(argv=None) -> int:
             cmd = [sys.executable, str(REPO / "bench/bench_train.py"), "--arch", arch, "--width", str(width),
                    "--crop", str(crop), "--batch-clips", str(args.batch_clips), "--zero-stage", str(stage),
                    "--steps", str(args.steps), "--block", str(max(1, args.steps // 2))]  # fmt: skip
+            if args.ds_json:
+                cmd += ["--ds-json", args.ds_json]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(
@@ -102,7 +109,10 @@ def main(argv=None) -> int:
             print(f"  {size} ZeRO-{stage}: DDP {cell['ddp_ms']:.1f} ms, DeepSpeed {cell['deepspeed_ms']:.1f} ms",
                   flush=True)  # fmt: skip
             cells.append(cell)
-    print(f"\n2 CPU ranks, {4 * args.batch_clips} images/rank, {args.steps} timed steps per loop, fp32")
+    tuned = f", DeepSpeed JSON {args.ds_json}" if args.ds_json else ""
+    print(
+        f"\n2 CPU ranks, {4 * args.batch_clips} images/rank, {args.steps} timed steps per loop, fp32{tuned}"
+    )
     print(format_table(cells))
     return 0
 

@@ -109,6 +109,15 @@ def enable_crash_stacks() -> None:
         pass
 
 
+def print_error(message: str) -> None:
+    """``error: MESSAGE`` on stderr in one write. ``print`` writes the text and its newline separately when
+    stderr is unbuffered (``PYTHONUNBUFFERED=1``), and ranks that fail together (an agreed checkpoint failure,
+    a bad config) print at the same instant into one log: their lines then ran together. One write of a line
+    under the pipe's atomic size reaches the log whole."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def _wait_for_every_rank() -> None:
     """Every rank raised the same agreed error: wait until all have printed it. Otherwise the first rank to
     exit makes torchrun or the deepspeed launcher kill the others before their line reaches the log."""
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
         use_deepspeed_config(cfg, args.deepspeed_config)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     from common.redact import redact
     from pretrain.engine import NonFiniteLossError, run
@@ -140,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         # User-fixable problems (world-size change, too few shards, credentials, missing manifest): one line
         # that names the file or setting, not a traceback from every rank.
-        print(f"error: {redact(str(err))}", file=sys.stderr, flush=True)
+        print_error(redact(str(err)))
         if getattr(err, "every_rank", False):
             _wait_for_every_rank()
         return 2
     except NonFiniteLossError as err:  # nan_policy=stop: a training fault, not a bad argument
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 1
     return 0 if status in ("finished", "stopped", "signal") else 1
 

@@ -171,6 +171,34 @@ def test_bench_zero_parses_bench_train_and_computes_overhead():
     assert bench_zero.param_count("resnet18", 16) < bench_zero.param_count("resnet18", 64)
 
 
+def test_bench_train_merges_a_deepspeed_json_and_runs_one_rank(tmp_path):
+    """--ds-json reaches the engine (it reports the merged ZeRO settings); a key the project derives is one error
+    before any rank starts; --nproc 1 runs (torchrun took ``--nproc`` for its own ambiguous option)."""
+    import bench_train
+
+    assert bench_train.worker_argv(["--nproc", "1", "--steps", "2", "--nproc=3", "--zero-stage", "2"]) == [
+        "--steps", "2", "--zero-stage", "2"
+    ]  # fmt: skip
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 100000}}))
+    cmd = [sys.executable, "bench/bench_train.py", "--nproc", "1", "--steps", "1", "--block", "1",
+           "--batch-clips", "2", "--zero-stage", "2"]  # fmt: skip
+    proc = subprocess.run(
+        [*cmd, "--ds-json", str(tuned)], cwd=REPO, env=launcher_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "engine: zero_stage=2 overlap_comm=True reduce_bucket_size=100000" in proc.stdout, proc.stdout
+    assert set(bench_zero.parse_bench_train(proc.stdout)) == {"ddp_ms", "deepspeed_ms"}
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 99}))
+    proc = subprocess.run(
+        [*cmd, "--ds-json", str(bad)], cwd=REPO, env=launcher_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-3000:]
+    assert str(bad) in proc.stderr and "train_batch_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # ---------------------------------------------------------------- scripts/dali_wheel.sh split / join
 def _dali(tmp_path, *args, **env):
     return subprocess.run(

@@ -300,3 +300,35 @@ def test_input_workers_auto_resolves_to_a_number_and_a_set_number_stays(monkeypa
         load_config(PretrainConfig, None, ["data.num_workers=-1"])
     with pytest.raises(ConfigError, match="data.num_workers"):
         load_config(PretrainConfig, None, ["data.num_workers=many"])
+
+
+class _WriteThrough:
+    """A stand-in for stderr under PYTHONUNBUFFERED=1: every write() call reaches the pipe on its own."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_an_error_line_reaches_stderr_in_one_write(monkeypatch):
+    """Ranks that fail together print at the same instant into one log; a line written in two parts (text, then
+    newline, as print does unbuffered) let another rank's line land between them, and the two ran together."""
+    from launch import pretrain
+
+    stderr = _WriteThrough()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert pretrain.main(["--config", str(REPO / "launch/configs/smoke.yaml"), "data.batch_clips=zero"]) == 2
+    assert len(stderr.writes) == 1, stderr.writes
+    line = stderr.writes[0]
+    assert line.startswith("error: ") and "data.batch_clips" in line and line.endswith("\n"), line
+    assert line.count("\n") == 1, line
+
+    stderr.writes.clear()
+    pretrain.print_error("one\nmessage")  # the message's own newlines are the caller's; still one write
+    assert stderr.writes == ["error: one\nmessage\n"]
