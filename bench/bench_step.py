@@ -1,6 +1,8 @@
 """Training step at the compute limit: the full trainer vs a compute-only ceiling vs the original-code pipeline.
 
-One run, same cores, same model / global batch / loss (all-gathered InfoNCE + MaskFN) / optimizer, per size:
+One run, same cores, same model / global batch / loss (all-gathered InfoNCE + MaskFN) / optimizer, per size
+(``--device cuda``: the same three on a GPU host, (a) and (b) on ``--nproc`` GPUs over NCCL, (c) training on one
+GPU with its DataLoader workers on the host's other cores):
   (a) ceiling:  2 CPU ranks, the project's DeepSpeed engine on images already in memory (communication
                 included, no input pipeline; the trainer's glibc heap setting, data.keep_freed_memory);
   (b) trainer:  `deepspeed --num_gpus 2 launch/pretrain.py` on a SynthFace corpus (images/s: median of the
@@ -11,13 +13,16 @@ One run, same cores, same model / global batch / loss (all-gathered InfoNCE + Ma
                 (pretrain.faceswap.face_swap_reference), torchvision view transforms; 1 loader worker + the
                 training process = the same 2 cores.
 Goals: (b) >= 0.9 (a) and (b) >= 5x (c). Timed: ``--steps`` for (a) and (b) after their warm-up / start-up
-window, half as many for (c) (its per-sample pipeline is the slow part) after two start-up steps.
+window, half as many for (c) (its per-sample pipeline is the slow part) after 2 + 2 x workers start-up steps
+(the workers' first batches and the prefetch queue they fill).
 
     python bench/bench_step.py                      # demo model (ResNet-18 w16, 64 px) and ResNet-50 at 112 px
     python bench/bench_step.py --quick              # demo model only, few steps (smoke)
     python bench/bench_step.py --steps 100 --repeats 3   # medians of 3 alternating repeats, per-repeat ratios
     python bench/bench_step.py --variants fp32,bf16_autocast,compile --set data.num_workers=2
     python bench/bench_step.py --sizes r18w16-64 --variants threads1,threads2   # input threads vs inline
+    python bench/bench_step.py --device cuda --sizes r50-112 --global-clips 128 --set precision=bf16_weights
+                                                    # one GPU: (a) and (b) on it, (c)'s loader on the other cores
 
 ``--set KEY=VALUE`` goes to every run's config (a, b, c); ``--variants`` repeats (b) with each variant's
 settings (fp32: precision=fp32; bf16_autocast: precision=bf16_autocast; compile: model.compile=true; inline,
@@ -66,7 +71,7 @@ def parse_args(argv=None):
         "--sizes", default=None, help=f"comma list of {sorted(SIZES)} (default: all; --quick: first)"
     )
     p.add_argument(
-        "--global-clips", type=int, default=8, help="clips per step over both ranks (4 images each)"
+        "--global-clips", type=int, default=8, help="clips per step over all ranks (4 images each)"
     )
     p.add_argument("--steps", type=int, default=None, help="timed steps per part (default 12, --quick 6)")
     p.add_argument(
@@ -80,11 +85,29 @@ def parse_args(argv=None):
         default=1,
         help="run a, b, c (and variants) this many times in turn; the table gives medians",
     )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="cuda: (a) and (b) on --nproc GPUs (NCCL), (c) trains on one GPU; the input stays on the host's cores",
+    )  # fmt: skip
+    p.add_argument(
+        "--nproc", type=int, default=None, help="ranks for (a) and (b) (default: 2 on cpu, 1 on cuda)"
+    )
+    p.add_argument(
+        "--original-workers", type=int, default=None,
+        help="DataLoader workers of (c) (default: the cores (a) and (b) use, less (c)'s own process: 1 for 2 CPU "
+        "ranks; on cuda every core this process may run on, less one)",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.steps = args.steps or (6 if args.quick else 12)
+    args.nproc = args.nproc or (2 if args.device == "cpu" else 1)
+    if args.original_workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+        args.original_workers = max(1, args.nproc - 1 if args.device == "cpu" else cores - 1)
+    if args.nproc < 1 or args.original_workers < 0:
+        p.error("--nproc must be >= 1 and --original-workers >= 0")
     if args.repeats < 1:
         p.error("--repeats: at least 1")
     args.identities = args.identities or (4 if args.quick else 16)
@@ -106,11 +129,12 @@ def load_cfg(overrides: list[str]):
     return load_config(PretrainConfig, CONFIG, overrides)
 
 
-def run_overrides(size: str, global_clips: int, sets: list[str]) -> list[str]:
-    """Every part's config: the size, the global batch, the CPU settings (fp32; input threads as the trainer's
-    default picks them, data.num_workers=auto: none on 2 ranks on 2 cores, the input runs inline in each rank),
-    FaceSwap in every measured step, --set."""
-    return [*SIZES[size], f"data.global_batch_clips={global_clips}", "device=cpu", "precision=fp32",
+def run_overrides(size: str, global_clips: int, sets: list[str], device: str = "cpu") -> list[str]:
+    """Every part's config: the size, the global batch, the device, fp32 (``--set precision=...`` to change it),
+    input threads as the trainer's default picks them (data.num_workers=auto: none on 2 CPU ranks on 2 cores,
+    where each rank prepares its input inline; the spare cores on a GPU host), FaceSwap in every measured step,
+    --set."""
+    return [*SIZES[size], f"data.global_batch_clips={global_clips}", f"device={device}", "precision=fp32",
             "data.num_workers=auto", "faceswap.start_step=0", "faceswap.p_warmup_steps=0", *sets]  # fmt: skip
 
 
@@ -169,24 +193,36 @@ def ceiling_worker(args) -> None:
     from pretrain.loss import DistributedInfoNCE, batch_layout
     from pretrain.model import ContrastiveEncoder
 
-    distributed.init_distributed("gloo")
+    cfg = load_cfg(json.loads(args.overrides))
+    cuda = cfg.device == "cuda"
+    distributed.init_distributed("nccl" if cuda else "gloo")
+    # one rank: DeepSpeed (and DDP) still need a process group, as in the trainer
+    if not distributed.is_initialized():
+        distributed.single_process_env()
+        deepspeed.init_distributed("nccl" if cuda else "gloo", auto_mpi_discovery=False)
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    cfg = resolve_global_batch(load_cfg(json.loads(args.overrides)), world)
-    if cfg.data.keep_freed_memory:  # as the trainer's CPU pipeline sets it: the same heap for the same step
+    cfg = resolve_global_batch(cfg, world)
+    device = torch.device("cuda", distributed.get_local_rank()) if cuda else torch.device("cpu")
+    if cfg.data.keep_freed_memory and not cuda:  # as the trainer's CPU pipeline sets it: the same heap
         from pretrain.allocator import keep_freed_memory
 
         keep_freed_memory()
     clips, crop = cfg.data.batch_clips, cfg.augment.crop
     gen = torch.Generator().manual_seed(rank)
     n = 4 * clips
-    images = torch.randn(n, 3, crop, crop, generator=gen)
+    # as pretrain/engine.py: views on the device (bf16 under bf16_weights, channels_last if set), weights
+    # contiguous, autocast under bf16_autocast, the loss in fp32
+    images = torch.randn(n, 3, crop, crop, generator=gen).to(device)
+    if cfg.precision == "bf16_weights":
+        images = images.to(torch.bfloat16)
     if cfg.model.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    descriptors = landmark_descriptor(torch.rand(n, 68, 2, generator=gen) * crop)
-    positive, group = batch_layout(clips, "sslfer")
+    descriptors = landmark_descriptor(torch.rand(n, 68, 2, generator=gen) * crop).to(device)
+    positive, group = (t.to(device) for t in batch_layout(clips, "sslfer"))
     loss_fn = DistributedInfoNCE(cfg.loss)
+    autocast = cfg.precision == "bf16_autocast"
     torch.manual_seed(0)
-    model = ContrastiveEncoder(cfg.model)  # weights contiguous, views channels_last: as pretrain/engine.py
+    model = ContrastiveEncoder(cfg.model).to(device)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -195,18 +231,25 @@ def ceiling_worker(args) -> None:
     )
 
     def step():
-        out = loss_fn(engine(images).float(), positive, group, descriptors)
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            z = engine(images)
+        out = loss_fn(z.float(), positive, group, descriptors)
         engine.backward(out.loss)
         engine.step()
 
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+        distributed.barrier()
+
     for _ in range(2):  # warm-up: allocator, optimizer state
         step()
-    distributed.barrier()
+    sync()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
-    distributed.barrier()
-    seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    sync()
+    seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
     slowest = distributed.all_gather_no_grad(seconds).max().item()
     if rank == 0:
         print("RESULT " + json.dumps({"images_per_s": args.steps * n * world / slowest}), flush=True)
@@ -221,19 +264,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_env() -> dict[str, str]:
+def bench_env(device: str = "cpu") -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR=device, PYTHONUNBUFFERED="1")
+    # the checkout first, then what the caller had (bench/gpu_session.sh puts its carried wheels' site there)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env
 
 
-def run_ceiling(overrides: list[str], steps: int) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+def run_ceiling(overrides: list[str], steps: int, nproc: int = 2, device: str = "cpu") -> float:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(_free_port()), __file__, "--ceiling-worker", "--steps", str(steps), "--overrides",
            json.dumps(overrides)]  # fmt: skip
-    proc = subprocess.run(cmd, env=bench_env(), cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=bench_env(device), cwd=REPO, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])["images_per_s"]
@@ -243,15 +288,20 @@ def run_ceiling(overrides: list[str], steps: int) -> float:
 
 
 # ---------------------------------------------------------------- (b) the full trainer
-def run_trainer(data: Path, overrides: list[str], steps: int, work: Path) -> float:
+def run_trainer(
+    data: Path, overrides: list[str], steps: int, work: Path, nproc: int = 2, device: str = "cpu"
+) -> float:
     import data_wait
 
     run_dir = work / f"run_{time.monotonic_ns()}"
     log_every = max(1, steps // 4)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "launch/pretrain.py", "--config",
-           str(CONFIG), f"data.url={data}", f"run_dir={run_dir}", f"max_steps={steps + log_every}",
-           f"log_every={log_every}", "checkpoint_every=0", "metrics.port_base=0", *overrides]  # fmt: skip
-    proc = subprocess.run(cmd, env=bench_env(), cwd=REPO, capture_output=True, text=True)
+    # DeepSpeed's launcher as a module of this interpreter: no `deepspeed` script on PATH needed (a GPU host
+    # may have DeepSpeed only as carried wheels in a site on PYTHONPATH)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+           str(_free_port()), "launch/pretrain.py", "--config", str(CONFIG), f"data.url={data}",
+           f"run_dir={run_dir}", f"max_steps={steps + log_every}", f"log_every={log_every}", "checkpoint_every=0",
+           "metrics.port_base=0", *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, env=bench_env(device), cwd=REPO, capture_output=True, text=True)
     metrics = run_dir / "metrics.jsonl"
     if proc.returncode != 0 or not metrics.is_file():
         raise RuntimeError(
@@ -355,6 +405,9 @@ def to_batch_rows(views, descriptors):
 
 
 def run_original(clips: list[dict], overrides: list[str], steps: int, workers: int = 1) -> float:
+    """(c): one process, plain torch; the model on ``device`` (a GPU trains there, as the released code did),
+    the input in ``workers`` DataLoader processes. bf16 as plain torch does it: autocast for bf16_autocast, a
+    bf16 model and batch for bf16_weights."""
     import torch
 
     from pretrain.loss import DistributedInfoNCE, batch_layout
@@ -362,31 +415,47 @@ def run_original(clips: list[dict], overrides: list[str], steps: int, workers: i
 
     torch.set_num_threads(1)
     cfg = load_cfg(overrides)
+    device = torch.device(cfg.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cfg.precision == "bf16_weights" else torch.float32
+    autocast = cfg.precision == "bf16_autocast"
     b = cfg.data.global_batch_clips
     loader = torch.utils.data.DataLoader(
         OriginalStyleClips(clips, cfg), batch_size=b, shuffle=True, num_workers=workers, drop_last=True,
-        persistent_workers=True, prefetch_factor=2,
+        persistent_workers=workers > 0, prefetch_factor=2 if workers else None, pin_memory=cuda,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = ContrastiveEncoder(cfg.model)
+    model = ContrastiveEncoder(cfg.model).to(device, dtype)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                            weight_decay=cfg.optim.weight_decay)  # fmt: skip
     loss_fn = DistributedInfoNCE(cfg.loss)
-    positive, group = batch_layout(b, "sslfer")
+    positive, group = (t.to(device) for t in batch_layout(b, "sslfer"))
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    # Untimed: the workers' first batches, which arrive together after their start-up, and what the prefetch
+    # queue held then; the timed steps then come at the rate the workers produce them.
+    warmup = 2 + workers * 2
     done, t0 = 0, None
-    while done < steps + 2:
+    while done < steps + warmup:
         for views, desc in loader:
             rows, desc = to_batch_rows(views, desc)
-            out = loss_fn(model(rows).float(), positive, group, desc)
+            rows, desc = rows.to(device, dtype, non_blocking=True), desc.to(device, non_blocking=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                z = model(rows)
+            out = loss_fn(z.float(), positive, group, desc)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
             done += 1
-            if done == 2:  # the first two steps hold the workers' start-up
-                t0 = time.perf_counter()
-            if done == steps + 2:
+            if done == warmup:
+                t0 = now()
+            if done == steps + warmup:
                 break
-    return steps * 4 * b / (time.perf_counter() - t0)
+    return steps * 4 * b / (now() - t0)
 
 
 def load_clips(url: str) -> list[dict]:
@@ -413,16 +482,17 @@ def main() -> int:
                        capture_output=True)  # fmt: skip
         clips = load_clips(str(data))
         for size in args.sizes:
-            base = run_overrides(size, args.global_clips, args.sets)
+            base = run_overrides(size, args.global_clips, args.sets, args.device)
             load_cfg(base)  # a bad --set fails here, with the config's message
             print(f"== {size}: {' '.join(base)}", flush=True)
             runs: dict[str, list[float]] = {}  # part or variant -> images/s of each repeat
             errors: dict[str, str] = {}
             for repeat in range(args.repeats):  # a, b, c (and variants) in turn: machine drift hits all alike
                 tag = f" [repeat {repeat + 1}/{args.repeats}]" if args.repeats > 1 else ""
-                parts = [("a", "ceiling", run_ceiling, (base, args.steps)),
-                         ("b", "trainer", run_trainer, (data, base, args.steps, work)),
-                         ("c", "original", run_original, (clips, base, max(2, args.steps // 2)))]  # fmt: skip
+                parts = [("a", "ceiling", run_ceiling, (base, args.steps, args.nproc, args.device)),
+                         ("b", "trainer", run_trainer, (data, base, args.steps, work, args.nproc, args.device)),
+                         ("c", "original", run_original,
+                          (clips, base, max(2, args.steps // 2), args.original_workers))]  # fmt: skip
                 for label, part, fn, fn_args in parts:
                     runs.setdefault(part, []).append(fn(*fn_args))
                     print(f"  ({label}) {part:8s} {runs[part][-1]:8.1f} images/s{tag}", flush=True)
@@ -431,7 +501,9 @@ def main() -> int:
                         continue
                     try:
                         load_cfg(base + VARIANTS[v])
-                        runs.setdefault(v, []).append(run_trainer(data, base + VARIANTS[v], args.steps, work))
+                        runs.setdefault(v, []).append(
+                            run_trainer(data, base + VARIANTS[v], args.steps, work, args.nproc, args.device)
+                        )
                         print(f"  (b) {v}: {runs[v][-1]:8.1f} images/s{tag}", flush=True)
                     except ConfigError as err:
                         errors[v] = str(err).splitlines()[0][:120]
@@ -446,7 +518,9 @@ def main() -> int:
                 else:
                     vrow["trainer"] = statistics.median(runs[v])
                 rows.append(vrow)
-    print(f"\n2 CPU ranks, {args.global_clips} clips = {4 * args.global_clips} images per step, "
+    ranks = f"{args.nproc} {'CPU' if args.device == 'cpu' else 'GPU'} rank{'s' if args.nproc > 1 else ''}"
+    print(f"\n{ranks}, (c) with {args.original_workers} loader worker{'s' if args.original_workers != 1 else ''}; {args.global_clips} clips = "
+          f"{4 * args.global_clips} images per step, "
           f"{args.steps} timed steps (ceiling, trainer), config {CONFIG.relative_to(REPO)} + overrides above"
           + (f"; medians of {args.repeats} repeats" if args.repeats > 1 else ""))  # fmt: skip
     print(format_table(rows))

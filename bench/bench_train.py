@@ -156,8 +156,10 @@ def worker(args) -> None:
 
     cuda = args.device == "cuda"
     distributed.init_distributed("nccl" if cuda else "gloo")
-    if not distributed.is_initialized():  # one rank: the project runs without a group, DDP needs one
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    # one rank: DeepSpeed (and DDP) still need a process group, as in the trainer
+    if not distributed.is_initialized():
+        distributed.single_process_env()
+        deepspeed.init_distributed("nccl" if cuda else "gloo", auto_mpi_discovery=False)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     device = torch.device("cuda", distributed.get_local_rank()) if cuda else torch.device("cpu")
     cfg = bench_config(args)
@@ -294,7 +296,8 @@ def main() -> int:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("DS_ACCELERATOR", "cpu" if args.device == "cpu" else "cuda")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
-    env["PYTHONPATH"] = str(REPO)
+    # the checkout first, then what the caller had (a GPU host's carried wheels)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_port", str(_free_port()), __file__, "--worker", *worker_argv(sys.argv[1:])]  # fmt: skip
     return subprocess.call(cmd, env=env, cwd=REPO)

@@ -17,6 +17,9 @@
 #   3. launch/pretrain.py with the paper config (ResNet-50, 512 images/step, bf16, channels_last, FaceSwap,
 #      MaskFN) for $STEPS steps on SynthFace, with data.finish_in=trainer and =workers: images/s and the
 #      data-wait share of a step (goal < 5%), by bench/data_wait.py.
+#   4. with STEP_BENCH=1: bench/bench_step.py on this device - (a) the compute-only ceiling, (b) the trainer,
+#      (c) the original-code-style pipeline, images/s and ratios (STEP_ARGS: its arguments; default the paper
+#      model at 112 px, CLIPS clips per step, 20 steps, PRECISION).
 # DEVICE=cpu with small CLIPS/STEPS/MODEL runs the same steps on a CPU (tests/test_bench_scripts.py does).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +32,8 @@ IDENTITIES=${IDENTITIES:-256} # SynthFace corpus: IDENTITIES x 4 clips of 8 s at
 MODEL=${MODEL:-}             # extra overrides for the pretraining run (tests: a tiny model on CPU)
 PRECISION=${PRECISION:-bf16_weights} # part 3 on CUDA: bf16_weights (the paper configs) or bf16_autocast
 PY=${PY:-python3}
+STEP_BENCH=${STEP_BENCH:-0}
+STEP_ARGS=${STEP_ARGS:-"--sizes r50-112 --global-clips $CLIPS --steps 20 --set precision=$PRECISION"}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -103,5 +108,9 @@ if $PY -c "import nvidia.dali" >/dev/null 2>&1; then
     data.num_workers="$THREADS" metrics.port_base=0 faceswap.start_step=0 faceswap.p_warmup_steps=0 $MODEL
   cp "$WORK/run_dali/metrics.jsonl" "$OUT/pretrain_dali_metrics.jsonl" 2>/dev/null
   part data_wait_dali $PY bench/data_wait.py "$OUT/pretrain_dali_metrics.jsonl"
+fi
+if [ "$STEP_BENCH" = 1 ]; then
+  # shellcheck disable=SC2086 # STEP_ARGS is a list of arguments
+  part bench_step $PY bench/bench_step.py --device "$DEVICE" $STEP_ARGS
 fi
 exit $status

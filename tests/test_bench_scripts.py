@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,20 +51,30 @@ def test_bench_input_on_cuda_without_a_gpu_says_so():
 
 @pytest.mark.integration
 def test_gpu_session_script_runs_every_part_on_cpu(tmp_path):
-    """bench/gpu_session.sh with DEVICE=cpu: input benchmark, SynthFace, the paper config's trainer, data wait."""
+    """bench/gpu_session.sh with DEVICE=cpu: input benchmark, SynthFace, the paper config's trainer, data wait,
+    and (STEP_BENCH=1) bench_step.py's ceiling / trainer / original on one rank, bf16 autocast: the code a GPU
+    session runs, with the device switched."""
     out = tmp_path / "out"
     env = launcher_env(
         DEVICE="cpu", OUT=str(out), CLIPS="2", STEPS="20", THREADS="1", IDENTITIES="2", PY=sys.executable,
         MODEL="model.arch=resnet18 model.width=8 model.projector_dims=[32,16] augment.resize=64 augment.crop=48 "
-        "data.image_size=64 metrics.enabled=false",
+        "data.image_size=64 metrics.enabled=false", STEP_BENCH="1",
+        STEP_ARGS="--quick --nproc 1 --original-workers 0 --steps 2 --identities 4 --set precision=bf16_autocast",
     )  # fmt: skip
     proc = subprocess.run(
         ["bash", "bench/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     for part in ("bench_input", "synth", "pretrain_trainer", "data_wait_trainer", "pretrain_workers",
-                 "data_wait_workers"):  # fmt: skip
+                 "data_wait_workers", "bench_step"):  # fmt: skip
         assert f"== {part}: exit 0" in proc.stdout, (part, proc.stdout[-3000:])
+    step = (out / "bench_step.log").read_text()
+    assert "precision=bf16_autocast" in step and "1 CPU rank, (c) with 0 loader workers;" in step, step[
+        -2000:
+    ]
+    row = next(line for line in step.splitlines() if line.startswith("| r18w16-64 | as set |"))
+    ceiling, trainer, original = (float(x.replace(",", "")) for x in row.split("|")[3:6])
+    assert min(ceiling, trainer, original) > 0, row
     bench = (out / "bench_input.log").read_text()
     assert "full input path on cpu" in bench and "torch/tv" in bench and "shapes on cpu" in bench
     losses = {}
@@ -100,6 +111,23 @@ def test_bench_step_ratios_and_table_name_the_goals():
     table = bench_step.format_table(rows).splitlines()
     assert table[2] == "| r18w16-64 | fp32 | 400.0 | 300.0 | 100.0 | 0.75 (NOT met) | 3.00 (NOT met) |"
     assert table[3] == "| r18w16-64 | compile | 400.0 | unavailable: no key | 100.0 | - | - |"
+
+
+def test_bench_step_device_defaults_and_the_callers_python_path(monkeypatch):
+    cpu = bench_step.parse_args([])
+    assert (cpu.device, cpu.nproc, cpu.original_workers) == ("cpu", 2, 1)  # 2 ranks; 1 worker + (c) = 2 cores
+    gpu = bench_step.parse_args(["--device", "cuda"])
+    cores = len(os.sched_getaffinity(0))
+    assert (gpu.nproc, gpu.original_workers) == (1, max(1, cores - 1))
+    assert bench_step.parse_args(["--device", "cuda", "--nproc", "4", "--original-workers", "6"]).nproc == 4
+    with pytest.raises(SystemExit):
+        bench_step.parse_args(["--original-workers", "-1"])
+    assert "device=cuda" in bench_step.run_overrides("r50-112", 8, [], "cuda")
+    monkeypatch.setenv(
+        "PYTHONPATH", "/carried/site"
+    )  # bench/gpu_session.sh's wheels: kept, after the checkout
+    env = bench_step.bench_env("cuda")
+    assert env["PYTHONPATH"] == f"{REPO}{os.pathsep}/carried/site" and env["DS_ACCELERATOR"] == "cuda"
 
 
 def test_bench_step_repeat_spread_pairs_each_repeats_trainer_with_its_ceiling():
