@@ -35,9 +35,9 @@ class DataConfig(StreamConfig):
     url: str = "runs/data/synth-pretrain"  # clips dataset: folder or s3://bucket/prefix holding manifest.json
     batch_clips: int = 8  # clips per rank per step; images per rank = 4x (SSL-FER) or 2x (SimCLR)
     global_batch_clips: int | None = None  # clips per step over ALL ranks; set: split evenly into batch_clips
-    # Whole batches on a CPU device. auto: as many as cores the ranks' compute threads leave spare, at most 4
-    # (resolve_input_workers; 2 CPU ranks on 2 cores: none)
-    num_workers: int | Literal["auto"] = "auto"  # input threads per rank; 0: inline; auto: spare cores
+    # Whole batches on a CPU device. auto: as many as cores the ranks' compute threads leave spare, at most 4,
+    # at least 1 for s3:// data (resolve_input_workers; 2 CPU ranks on 2 cores: none for local data)
+    num_workers: int | Literal["auto"] = "auto"  # input threads/rank; 0 inline; auto: spare cores, s3 >= 1
     prefetch: int = 4  # batches prepared ahead of the training step
     keep_freed_memory: bool = True  # CPU device: glibc reuses freed tensor memory (pretrain/allocator.py)
     decode: Literal["auto", "device", "cpu"] = "auto"  # where JPEGs are decoded (auto: nvjpeg on CUDA)
@@ -176,34 +176,45 @@ class PretrainConfig:
 AUTO_MAX_WORKERS = 4  # a cap, not a measured optimum: more threads per rank share one GIL
 
 
-def auto_input_workers(device: str, cores: int, local_ranks: int, compute_threads: int) -> int:
+def auto_input_workers(
+    device: str, cores: int, local_ranks: int, compute_threads: int, remote: bool = False
+) -> int:
     """``data.num_workers=auto``: input threads per rank = the cores left per rank once every local rank's
     compute threads have one each (a CUDA rank's compute is one feeding thread), at most
-    :data:`AUTO_MAX_WORKERS`; none (inline) where nothing is left over.
+    :data:`AUTO_MAX_WORKERS`; where nothing is left over, none (inline) for data on this host's disks and one
+    for data in an object store (``remote``).
 
     Why inline there: with no spare core an input thread only takes turns with the compute thread of its own
     rank, and the switching costs more than it hides. On 2 CPU ranks on 2 cores the demo-size trainer ran 3-7%
-    faster inline than with one thread per rank (3 paired repeats of ``bench/bench_step.py --variants threads1``)."""
+    faster inline than with one thread per rank (3 paired repeats of ``bench/bench_step.py --variants threads1``).
+    Why one thread for an object store: its round trips are waits, not CPU work, and inline they stall the step.
+    Through a proxy adding 20 ms per response to the local store, 145 steps of the demo took 14.6-15.5 s with
+    one thread per rank against 18.1-18.5 s inline; without the delay 13.5-14.4 s and 13.7-13.9 s
+    (``bench/bench_remote_store.py``)."""
     per_rank = 1 if device.startswith("cuda") else max(1, compute_threads)
     spare = (cores - max(1, local_ranks) * per_rank) // max(1, local_ranks)
-    return max(0, min(AUTO_MAX_WORKERS, spare))
+    return max(1 if remote else 0, min(AUTO_MAX_WORKERS, spare))
 
 
 def resolve_input_workers(cfg: PretrainConfig, device: str) -> PretrainConfig:
     """A copy of ``cfg`` with ``data.num_workers=auto`` replaced by its number on this host for a rank on
     ``device`` (``cpu``, ``cuda``), from the cores this process may run on, the ranks on this host (the
-    launcher's ``LOCAL_WORLD_SIZE`` or ``LOCAL_SIZE``) and torch's intra-op threads; ``cfg`` itself when the
-    number is set."""
+    launcher's ``LOCAL_WORLD_SIZE`` or ``LOCAL_SIZE``), torch's intra-op threads and where ``data.url`` is
+    (``s3://``: an object store); ``cfg`` itself when the number is set."""
     import os
     from dataclasses import replace
 
     import torch
 
+    from data_shards.store import is_s3
+
     if cfg.data.num_workers != "auto":
         return cfg
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = auto_input_workers(str(device), cores, local_ranks, torch.get_num_threads())
+    workers = auto_input_workers(
+        str(device), cores, local_ranks, torch.get_num_threads(), remote=is_s3(cfg.data.url)
+    )
     return replace(cfg, data=replace(cfg.data, num_workers=workers))
 
 

@@ -283,3 +283,70 @@ def test_input_budget_table_sums_the_stages_and_bounds_the_step():
     assert "| faceswap | 0.300 | 30% |" in table and "| host | 0.000 | 0% |" in table
     assert "**1.000**" in table
     assert "2.000 ms" in table and "at most 0.67 of the ceiling" in table  # c = 2 ms, i = 1 ms: 2 / 3
+
+
+# ---------------------------------------------------------------- bench/bench_remote_store.py
+def test_delay_proxy_passes_bytes_exactly_and_holds_each_response_burst():
+    import socket
+    import socketserver
+    import threading
+    import time
+
+    import bench_remote_store
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self):
+            while data := self.request.recv(65536):
+                self.request.sendall(data[::-1])
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with bench_remote_store.DelayProxy(server.server_address[1], 0.05) as proxy:
+                with socket.create_connection(("127.0.0.1", proxy.port)) as conn:
+                    payload = bytes(range(256)) * 64
+                    for _ in range(2):  # each request's response arrives one delay late
+                        start = time.monotonic()
+                        conn.sendall(payload)
+                        got = b""
+                        while len(got) < len(payload):
+                            got += conn.recv(65536)
+                        assert got == payload[::-1]
+                        assert time.monotonic() - start >= 0.05
+                        time.sleep(0.02)  # a pause: the next response is a new burst
+        finally:
+            server.shutdown()
+
+
+def test_remote_store_summary_leaves_the_start_up_window_out():
+    import bench_remote_store
+
+    rows = [
+        {
+            "step": 5,
+            "time": 100.0,
+            "images_per_s": 10.0,
+            "data_wait_fraction": 0.9,
+            "input_prep_fraction": 0.0,
+        },
+        {
+            "step": 10,
+            "time": 101.0,
+            "images_per_s": 300.0,
+            "data_wait_fraction": 0.1,
+            "input_prep_fraction": 0.2,
+        },
+        {
+            "step": 15,
+            "time": 103.0,
+            "images_per_s": 500.0,
+            "data_wait_fraction": 0.3,
+            "input_prep_fraction": 0.4,
+        },
+    ]
+    s = bench_remote_store.summarise(rows)
+    assert s == pytest.approx(
+        {"wall_s": 3.0, "images_per_s": 400.0, "data_wait": 0.2, "input_prep": 0.3, "steps": "6-15"}
+    )
+    with pytest.raises(ValueError, match="2 logging windows"):
+        bench_remote_store.summarise(rows[:1])

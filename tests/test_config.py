@@ -275,6 +275,11 @@ def test_auto_input_workers_use_only_cores_the_ranks_leave_over():
     assert auto_input_workers("cuda", cores=16, local_ranks=8, compute_threads=8) == 1  # one feeding thread
     assert auto_input_workers("cuda", cores=8, local_ranks=8, compute_threads=1) == 0
     assert auto_input_workers("cpu", cores=1, local_ranks=4, compute_threads=1) == 0  # oversubscribed: inline
+    # an object store: one thread where no core is spare (its round trips are waits); more only where spare
+    assert auto_input_workers("cpu", cores=2, local_ranks=2, compute_threads=1, remote=True) == 1
+    assert (
+        auto_input_workers("cpu", cores=64, local_ranks=2, compute_threads=1, remote=True) == AUTO_MAX_WORKERS
+    )
 
 
 def test_input_workers_auto_resolves_to_a_number_and_a_set_number_stays(monkeypatch):
@@ -294,6 +299,8 @@ def test_input_workers_auto_resolves_to_a_number_and_a_set_number_stays(monkeypa
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setenv("LOCAL_SIZE", str(cores))  # the deepspeed launcher's name: as many ranks as cores
     assert resolve_input_workers(loaded, "cpu").data.num_workers == 0
+    s3 = load_config(PretrainConfig, None, ["data.url=s3://bucket/corpus"])
+    assert resolve_input_workers(s3, "cpu").data.num_workers == 1  # no spare core, but the data is remote
     fixed = load_config(PretrainConfig, None, ["data.num_workers=3"])
     assert resolve_input_workers(fixed, "cpu") is fixed
     with pytest.raises(ConfigError, match="data.num_workers"):
