@@ -26,7 +26,8 @@ window, half as many for (c) (its per-sample pipeline is the slow part) after 2 
 
 ``--set KEY=VALUE`` goes to every run's config (a, b, c); ``--variants`` repeats (b) with each variant's
 settings (fp32: precision=fp32; bf16_autocast: precision=bf16_autocast; compile: model.compile=true; inline,
-threads1, threads2: data.num_workers=0, 1, 2). A
+threads1, threads2: data.num_workers=0, 1, 2, their priority as data.input_priority=auto picks it: idle where
+no core is spare; threads1_normal: one thread at normal priority). A
 variant whose config key this checkout does not have is reported as unavailable with the config's message.
 """
 
@@ -60,6 +61,7 @@ VARIANTS = {
     "compile": ["model.compile=true"],
     "inline": ["data.num_workers=0"],
     "threads1": ["data.num_workers=1"],
+    "threads1_normal": ["data.num_workers=1", "data.input_priority=normal"],
     "threads2": ["data.num_workers=2"],
 }
 GOAL_CEILING, GOAL_ORIGINAL = 0.9, 5.0
@@ -131,9 +133,9 @@ def load_cfg(overrides: list[str]):
 
 def run_overrides(size: str, global_clips: int, sets: list[str], device: str = "cpu") -> list[str]:
     """Every part's config: the size, the global batch, the device, fp32 (``--set precision=...`` to change it),
-    input threads as the trainer's default picks them (data.num_workers=auto: none on 2 CPU ranks on 2 cores,
-    where each rank prepares its input inline; the spare cores on a GPU host), FaceSwap in every measured step,
-    --set."""
+    input threads as the trainer's defaults pick them (data.num_workers=auto, data.input_priority=auto: one
+    idle-priority thread per rank on 2 CPU ranks on 2 cores; the spare cores on a GPU host), FaceSwap in every
+    measured step, --set."""
     return [*SIZES[size], f"data.global_batch_clips={global_clips}", f"device={device}", "precision=fp32",
             "data.num_workers=auto", "faceswap.start_step=0", "faceswap.p_warmup_steps=0", *sets]  # fmt: skip
 

@@ -7,6 +7,7 @@ the few rules that span sections. Load with ``common.configio.load_config(Pretra
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,9 +36,12 @@ class DataConfig(StreamConfig):
     url: str = "runs/data/synth-pretrain"  # clips dataset: folder or s3://bucket/prefix holding manifest.json
     batch_clips: int = 8  # clips per rank per step; images per rank = 4x (SSL-FER) or 2x (SimCLR)
     global_batch_clips: int | None = None  # clips per step over ALL ranks; set: split evenly into batch_clips
-    # Whole batches on a CPU device. auto: as many as cores the ranks' compute threads leave spare, at most 4,
-    # at least 1 for s3:// data (resolve_input_workers; 2 CPU ranks on 2 cores: none for local data)
-    num_workers: int | Literal["auto"] = "auto"  # input threads/rank; 0 inline; auto: spare cores, s3 >= 1
+    # Whole batches on a CPU device. auto: as many as cores the ranks' compute threads leave spare, at most 4;
+    # where none is spare, one at idle priority (resolve_input_workers; 2 CPU ranks on 2 cores)
+    num_workers: int | Literal["auto"] = "auto"  # input threads/rank; 0 inline; auto: spare cores, >= 1
+    # Linux scheduling of the input threads. idle (SCHED_IDLE): they run only when the core has nothing else to
+    # do, so they never preempt the rank's own step; auto: idle where they share cores with the compute.
+    input_priority: Literal["auto", "normal", "idle"] = "auto"  # thread priority; auto: idle if no core spare
     prefetch: int = 4  # batches prepared ahead of the training step
     keep_freed_memory: bool = True  # CPU device: glibc reuses freed tensor memory (pretrain/allocator.py)
     decode: Literal["auto", "device", "cpu"] = "auto"  # where JPEGs are decoded (auto: nvjpeg on CUDA)
@@ -60,6 +64,11 @@ class DataConfig(StreamConfig):
             )
         if (self.num_workers != "auto" and self.num_workers < 0) or self.prefetch < 1:
             raise ConfigError("config key 'data.num_workers' must be auto or >= 0, and 'data.prefetch' >= 1")
+        if self.input_priority == "idle" and not hasattr(os, "SCHED_IDLE"):
+            raise ConfigError(
+                "config key 'data.input_priority': idle needs Linux's SCHED_IDLE, which this platform lacks; "
+                "set data.input_priority=normal"
+            )
         if self.image_size < 16:
             raise ConfigError(f"config key 'data.image_size': must be >= 16, got {self.image_size}")
 
@@ -176,46 +185,50 @@ class PretrainConfig:
 AUTO_MAX_WORKERS = 4  # a cap, not a measured optimum: more threads per rank share one GIL
 
 
-def auto_input_workers(
-    device: str, cores: int, local_ranks: int, compute_threads: int, remote: bool = False
-) -> int:
-    """``data.num_workers=auto``: input threads per rank = the cores left per rank once every local rank's
-    compute threads have one each (a CUDA rank's compute is one feeding thread), at most
-    :data:`AUTO_MAX_WORKERS`; where nothing is left over, none (inline) for data on this host's disks and one
-    for data in an object store (``remote``).
-
-    Why inline there: with no spare core an input thread only takes turns with the compute thread of its own
-    rank, and the switching costs more than it hides. On 2 CPU ranks on 2 cores the demo-size trainer ran 3-7%
-    faster inline than with one thread per rank (3 paired repeats of ``bench/bench_step.py --variants threads1``).
-    Why one thread for an object store: its round trips are waits, not CPU work, and inline they stall the step.
-    Through a proxy adding 20 ms per response to the local store, 145 steps of the demo took 14.6-15.5 s with
-    one thread per rank against 18.1-18.5 s inline; without the delay 13.5-14.4 s and 13.7-13.9 s
-    (``bench/bench_remote_store.py``)."""
+def spare_cores_per_rank(device: str, cores: int, local_ranks: int, compute_threads: int) -> int:
+    """Cores per rank left once every local rank's compute threads have one each (a CUDA rank's compute is one
+    feeding thread); 0 or less where the ranks already fill the cores."""
     per_rank = 1 if device.startswith("cuda") else max(1, compute_threads)
-    spare = (cores - max(1, local_ranks) * per_rank) // max(1, local_ranks)
-    return max(1 if remote else 0, min(AUTO_MAX_WORKERS, spare))
+    return (cores - max(1, local_ranks) * per_rank) // max(1, local_ranks)
+
+
+def auto_input_workers(device: str, cores: int, local_ranks: int, compute_threads: int) -> int:
+    """``data.num_workers=auto``: one input thread per spare core, at most :data:`AUTO_MAX_WORKERS`; one where
+    no core is spare, which ``data.input_priority=auto`` then runs at idle priority.
+
+    Why one idle thread there: at normal priority an input thread takes turns with its own rank's compute and
+    the switching costs more than it hides (on 2 CPU ranks on 2 cores the demo-size trainer ran 3-7% faster
+    inline than with one normal thread); at idle priority it runs only in the gaps the step leaves (waits on
+    the other rank, on the store) and never preempts it: 5.4-5.9% faster than inline in 3 paired repeats of
+    ``bench/bench_step.py --variants inline,threads1``. Inline input (``data.num_workers=0``) would also put
+    an object store's round trips into every step (``bench/bench_remote_store.py``)."""
+    spare = spare_cores_per_rank(device, cores, local_ranks, compute_threads)
+    return max(1, min(AUTO_MAX_WORKERS, spare))
 
 
 def resolve_input_workers(cfg: PretrainConfig, device: str) -> PretrainConfig:
-    """A copy of ``cfg`` with ``data.num_workers=auto`` replaced by its number on this host for a rank on
-    ``device`` (``cpu``, ``cuda``), from the cores this process may run on, the ranks on this host (the
-    launcher's ``LOCAL_WORLD_SIZE`` or ``LOCAL_SIZE``), torch's intra-op threads and where ``data.url`` is
-    (``s3://``: an object store); ``cfg`` itself when the number is set."""
+    """A copy of ``cfg`` with ``data.num_workers=auto`` and ``data.input_priority=auto`` replaced by what they
+    mean on this host for a rank on ``device`` (``cpu``, ``cuda``): from the cores this process may run on,
+    the ranks on this host (the launcher's ``LOCAL_WORLD_SIZE`` or ``LOCAL_SIZE``) and torch's intra-op
+    threads; ``cfg`` itself when both are set."""
     import os
     from dataclasses import replace
 
     import torch
 
-    from data_shards.store import is_s3
-
-    if cfg.data.num_workers != "auto":
+    data = cfg.data
+    if data.num_workers != "auto" and data.input_priority != "auto":
         return cfg
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = auto_input_workers(
-        str(device), cores, local_ranks, torch.get_num_threads(), remote=is_s3(cfg.data.url)
-    )
-    return replace(cfg, data=replace(cfg.data, num_workers=workers))
+    spare = spare_cores_per_rank(str(device), cores, local_ranks, torch.get_num_threads())
+    workers = data.num_workers
+    if workers == "auto":
+        workers = auto_input_workers(str(device), cores, local_ranks, torch.get_num_threads())
+    priority = data.input_priority
+    if priority == "auto":  # idle where the input threads share the compute's cores (and Linux has it)
+        priority = "idle" if spare <= 0 and workers > 0 and hasattr(os, "SCHED_IDLE") else "normal"
+    return replace(cfg, data=replace(data, num_workers=workers, input_priority=priority))
 
 
 def resolve_global_batch(cfg: PretrainConfig, world_size: int) -> PretrainConfig:

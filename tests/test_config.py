@@ -266,23 +266,24 @@ def test_faceswap_probability_ramps_with_the_batch_position():
 
 
 def test_auto_input_workers_use_only_cores_the_ranks_leave_over():
-    from pretrain.config import AUTO_MAX_WORKERS, auto_input_workers
+    from pretrain.config import AUTO_MAX_WORKERS, auto_input_workers, spare_cores_per_rank
 
-    assert auto_input_workers("cpu", cores=2, local_ranks=2, compute_threads=1) == 0  # inline: no spare core
-    assert auto_input_workers("cpu", cores=4, local_ranks=2, compute_threads=2) == 0
-    assert auto_input_workers("cpu", cores=4, local_ranks=2, compute_threads=1) == 1
-    assert auto_input_workers("cpu", cores=64, local_ranks=2, compute_threads=1) == AUTO_MAX_WORKERS
-    assert auto_input_workers("cuda", cores=16, local_ranks=8, compute_threads=8) == 1  # one feeding thread
-    assert auto_input_workers("cuda", cores=8, local_ranks=8, compute_threads=1) == 0
-    assert auto_input_workers("cpu", cores=1, local_ranks=4, compute_threads=1) == 0  # oversubscribed: inline
-    # an object store: one thread where no core is spare (its round trips are waits); more only where spare
-    assert auto_input_workers("cpu", cores=2, local_ranks=2, compute_threads=1, remote=True) == 1
     assert (
-        auto_input_workers("cpu", cores=64, local_ranks=2, compute_threads=1, remote=True) == AUTO_MAX_WORKERS
-    )
+        auto_input_workers("cpu", cores=2, local_ranks=2, compute_threads=1) == 1
+    )  # no spare core: one (idle)
+    assert spare_cores_per_rank("cpu", cores=2, local_ranks=2, compute_threads=1) == 0
+    assert auto_input_workers("cpu", cores=4, local_ranks=2, compute_threads=2) == 1
+    assert auto_input_workers("cpu", cores=6, local_ranks=2, compute_threads=1) == 2
+    assert auto_input_workers("cpu", cores=64, local_ranks=2, compute_threads=1) == AUTO_MAX_WORKERS
+    assert (
+        auto_input_workers("cuda", cores=24, local_ranks=8, compute_threads=8) == 2
+    )  # one feeding thread each
+    assert spare_cores_per_rank("cuda", cores=8, local_ranks=8, compute_threads=1) == 0
+    assert spare_cores_per_rank("cpu", cores=1, local_ranks=4, compute_threads=1) < 0  # oversubscribed
+    assert auto_input_workers("cpu", cores=1, local_ranks=4, compute_threads=1) == 1
 
 
-def test_input_workers_auto_resolves_to_a_number_and_a_set_number_stays(monkeypatch):
+def test_input_workers_and_priority_auto_resolve_for_this_host(monkeypatch):
     import os
 
     import torch
@@ -290,23 +291,58 @@ def test_input_workers_auto_resolves_to_a_number_and_a_set_number_stays(monkeypa
     from pretrain.config import PretrainConfig, auto_input_workers, resolve_input_workers
 
     loaded = load_config(PretrainConfig, None, [])
-    assert loaded.data.num_workers == "auto"
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    resolved = resolve_input_workers(loaded, "cpu")
+    assert (loaded.data.num_workers, loaded.data.input_priority) == ("auto", "auto")
     cores = len(os.sched_getaffinity(0))
-    assert resolved.data.num_workers == auto_input_workers("cpu", cores, 2, torch.get_num_threads())
-    assert loaded.data.num_workers == "auto"  # a copy; the loaded config is kept
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    resolved = resolve_input_workers(loaded, "cpu")
+    assert resolved.data.num_workers == auto_input_workers("cpu", cores, 1, 1)
+    assert resolved.data.input_priority == ("normal" if cores > 1 else "idle")
+    assert (loaded.data.num_workers, loaded.data.input_priority) == ("auto", "auto")  # a copy
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setenv("LOCAL_SIZE", str(cores))  # the deepspeed launcher's name: as many ranks as cores
-    assert resolve_input_workers(loaded, "cpu").data.num_workers == 0
-    s3 = load_config(PretrainConfig, None, ["data.url=s3://bucket/corpus"])
-    assert resolve_input_workers(s3, "cpu").data.num_workers == 1  # no spare core, but the data is remote
-    fixed = load_config(PretrainConfig, None, ["data.num_workers=3"])
-    assert resolve_input_workers(fixed, "cpu") is fixed
+    shared = resolve_input_workers(loaded, "cpu").data
+    assert (shared.num_workers, shared.input_priority) == (1, "idle")  # no spare core: one thread, idle
+    inline = resolve_input_workers(load_config(PretrainConfig, None, ["data.num_workers=0"]), "cpu").data
+    assert (inline.num_workers, inline.input_priority) == (0, "normal")  # no thread to lower
+    set_both = load_config(PretrainConfig, None, ["data.num_workers=3", "data.input_priority=normal"])
+    assert resolve_input_workers(set_both, "cpu") is set_both
     with pytest.raises(ConfigError, match="data.num_workers"):
         load_config(PretrainConfig, None, ["data.num_workers=-1"])
     with pytest.raises(ConfigError, match="data.num_workers"):
         load_config(PretrainConfig, None, ["data.num_workers=many"])
+    with pytest.raises(ConfigError, match="data.input_priority"):
+        load_config(PretrainConfig, None, ["data.input_priority=low"])
+
+
+def test_idle_priority_input_threads_run_under_sched_idle_and_make_the_same_batches():
+    """data.input_priority=idle: the reader and every worker thread of the Prefetcher run under SCHED_IDLE (the
+    consuming thread keeps its own), in the same order as inline."""
+    import os
+    import threading
+
+    from pretrain.pipelines.prefetch import Prefetcher
+
+    def groups():
+        for i in range(12):
+            yield i, {"after": i}
+
+    seen = {}
+
+    def job(i):
+        seen[threading.current_thread().name] = os.sched_getscheduler(0)
+        return i * i
+
+    for priority, want in (("idle", os.SCHED_IDLE), ("normal", os.SCHED_OTHER)):
+        seen.clear()
+        pre = Prefetcher(groups(), job, workers=2, depth=3, priority=priority)
+        try:
+            got = [pre.get() for _ in range(12)]
+        finally:
+            pre.stop()
+        assert got == [(i * i, {"after": i}) for i in range(12)]
+        assert seen and set(seen.values()) == {want}, seen
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the training thread is never lowered
 
 
 class _WriteThrough:

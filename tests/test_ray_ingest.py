@@ -169,7 +169,8 @@ def _ray_task_pids(head_pid: int, name: str = "ray::ingest_unit") -> list[int]:
     pids = []
     for proc in psutil.Process(head_pid).children(recursive=True):
         try:
-            if proc.cmdline()[:1] and proc.cmdline()[0].startswith(name):
+            cmdline = proc.cmdline()  # once: a worker exiting between two reads returns [] the second time
+            if cmdline and cmdline[0].startswith(name):
                 pids.append(proc.pid)
         except psutil.Error:
             continue

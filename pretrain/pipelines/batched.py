@@ -181,7 +181,11 @@ class BatchedPipeline(ClipBatchPipeline):
     def __iter__(self) -> Iterator[Batch]:
         self.close()
         self._threads = Prefetcher(
-            self.clip_groups(), self.prepare_job, workers=self.data.num_workers, depth=self.data.prefetch
+            self.clip_groups(),
+            self.prepare_job,
+            workers=self.data.num_workers,
+            depth=self.data.prefetch,
+            priority=self.data.input_priority,
         )
         try:
             while True:

@@ -1,12 +1,14 @@
 """Prefetch threads: a reader thread walks the clip groups, a worker pool builds batches from them, in order.
 
 The reader runs ahead by at most ``depth`` batches. With no workers everything happens in the consuming thread
-when it asks for the next batch (for debugging). An error of the reader (a lost store, no usable data) is
-raised in the consuming thread, where the batch it would have made is awaited.
+when it asks for the next batch. An error of the reader (a lost store, no usable data) is raised in the
+consuming thread, where the batch it would have made is awaited. ``priority="idle"`` runs the reader and the
+workers under Linux's ``SCHED_IDLE``: on cores the training step keeps busy they take only the time it leaves.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -14,15 +16,32 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 
+def lower_input_priority(*_args) -> None:
+    """Put the calling thread (or process) under ``SCHED_IDLE``: it runs only when its core has nothing else to
+    run. Lowering one's own priority needs no privilege. (Also a DataLoader ``worker_init_fn``.)"""
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 class Prefetcher:
     """Reader thread + worker pool over ``groups`` (pairs of (group, state)); :meth:`get` returns, strictly in
     order, ``(job(group), state)``."""
 
     def __init__(
-        self, groups: Iterator[tuple[Any, Any]], job: Callable[[Any], Any], workers: int, depth: int
+        self,
+        groups: Iterator[tuple[Any, Any]],
+        job: Callable[[Any], Any],
+        workers: int,
+        depth: int,
+        priority: str = "normal",
     ):
         self.job = job
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch") if workers else None
+        self.idle = priority == "idle"
+        init = lower_input_priority if self.idle else None
+        self.pool = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch", initializer=init)
+            if workers
+            else None
+        )
         self.inline = None
         self.futures: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -34,6 +53,8 @@ class Prefetcher:
             self.thread.start()
 
     def _read(self, groups) -> None:
+        if self.idle:
+            lower_input_priority()
         try:
             for group, state in groups:
                 future = self.pool.submit(self.job, group)

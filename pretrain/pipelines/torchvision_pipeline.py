@@ -43,6 +43,7 @@ from pretrain.augment import MASK_REGIONS, AugmentConfig
 from pretrain.faceswap import FaceSwapConfig, face_swap_reference
 from pretrain.pipelines.base import Batch, ClipBatchPipeline
 from pretrain.pipelines.clips import ClipGroup, clip_identity, device_seed, frame_landmarks, replacement_row
+from pretrain.pipelines.prefetch import lower_input_priority
 
 
 class TorchvisionViews:
@@ -203,6 +204,7 @@ class TorchvisionBatchPipeline(ClipBatchPipeline):
             num_workers=workers,
             prefetch_factor=max(1, self.data.prefetch // max(1, workers)) if workers else None,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=lower_input_priority if self.data.input_priority == "idle" else None,
         )
         self._loader_iter = it = iter(loader)
         try:
