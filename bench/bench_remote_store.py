@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 BURST_GAP_S = 0.005  # bytes arriving after a pause this long start a new response: one more round trip
 
@@ -149,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     workers = [int(w) for w in args.workers.split(",")]
     if args.latency_ms < 0 or args.steps < 10 or args.repeats < 1 or min(workers) < 0:
         p.error("--latency-ms >= 0, --steps >= 10, --repeats >= 1, --workers >= 0")
+    from bench_step import bench_env  # the environment bench_step's trainer runs get
+
     from launch.services import ObjectStore
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
+    env = bench_env("cpu")
     rows = []
     with (
         tempfile.TemporaryDirectory(prefix="bench_remote_") as tmp,

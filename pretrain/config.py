@@ -199,9 +199,10 @@ def auto_input_workers(device: str, cores: int, local_ranks: int, compute_thread
     Why one idle thread there: at normal priority an input thread takes turns with its own rank's compute and
     the switching costs more than it hides (on 2 CPU ranks on 2 cores the demo-size trainer ran 3-7% faster
     inline than with one normal thread); at idle priority it runs only in the gaps the step leaves (waits on
-    the other rank, on the store) and never preempts it: 5.4-5.9% faster than inline in 3 paired repeats of
-    ``bench/bench_step.py --variants inline,threads1``. Inline input (``data.num_workers=0``) would also put
-    an object store's round trips into every step (``bench/bench_remote_store.py``)."""
+    the other rank, on the store) and never preempts it: -0.9, +6.0 and +6.5% against inline in 3 paired
+    repeats of ``bench/bench_step.py --variants inline,threads1_normal`` (+5.4 to +7.6% in 4 of 5 pairs of two
+    earlier runs), 8-14% more than one normal thread. Inline input (``data.num_workers=0``) would also put an
+    object store's round trips into every step (``bench/bench_remote_store.py``)."""
     spare = spare_cores_per_rank(device, cores, local_ranks, compute_threads)
     return max(1, min(AUTO_MAX_WORKERS, spare))
 
@@ -211,7 +212,6 @@ def resolve_input_workers(cfg: PretrainConfig, device: str) -> PretrainConfig:
     mean on this host for a rank on ``device`` (``cpu``, ``cuda``): from the cores this process may run on,
     the ranks on this host (the launcher's ``LOCAL_WORLD_SIZE`` or ``LOCAL_SIZE``) and torch's intra-op
     threads; ``cfg`` itself when both are set."""
-    import os
     from dataclasses import replace
 
     import torch
@@ -221,10 +221,11 @@ def resolve_input_workers(cfg: PretrainConfig, device: str) -> PretrainConfig:
         return cfg
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    spare = spare_cores_per_rank(str(device), cores, local_ranks, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    spare = spare_cores_per_rank(str(device), cores, local_ranks, threads)
     workers = data.num_workers
     if workers == "auto":
-        workers = auto_input_workers(str(device), cores, local_ranks, torch.get_num_threads())
+        workers = auto_input_workers(str(device), cores, local_ranks, threads)
     priority = data.input_priority
     if priority == "auto":  # idle where the input threads share the compute's cores (and Linux has it)
         priority = "idle" if spare <= 0 and workers > 0 and hasattr(os, "SCHED_IDLE") else "normal"

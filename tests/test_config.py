@@ -313,6 +313,10 @@ def test_input_workers_and_priority_auto_resolve_for_this_host(monkeypatch):
         load_config(PretrainConfig, None, ["data.num_workers=many"])
     with pytest.raises(ConfigError, match="data.input_priority"):
         load_config(PretrainConfig, None, ["data.input_priority=low"])
+    monkeypatch.delattr(os, "SCHED_IDLE")  # a platform without it: idle is refused, auto falls back to normal
+    with pytest.raises(ConfigError, match="data.input_priority.*SCHED_IDLE.*input_priority=normal"):
+        load_config(PretrainConfig, None, ["data.input_priority=idle"])
+    assert resolve_input_workers(loaded, "cpu").data.input_priority == "normal"
 
 
 def test_idle_priority_input_threads_run_under_sched_idle_and_make_the_same_batches():
